@@ -1,0 +1,3 @@
+from kmismatch_lite.cli import main
+
+main()

@@ -1,0 +1,94 @@
+"""The backend protocols and their lazy registry.
+
+A generator answers a batch of prompts; a trainer fits a LoRA on `question -> target` pairs.
+Backends are named by `"module:Class"` strings and imported only when used, so heavy libraries
+(llama_cpp, torch, transformers, mlx, unsloth) stay out of `import kmismatch_lite`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol, Sequence
+
+from kmismatch_lite.errors import KmmError
+
+Progress = Callable[[int], None]
+
+GENERATORS = {
+    "llamacpp": "kmismatch_lite.backends.llamacpp:LlamaCppGenerator",
+    "mlx": "kmismatch_lite.backends.mlx:MlxGenerator",
+    "openai": "kmismatch_lite.backends.openai:OpenAIGenerator",
+}
+TRAINERS = {
+    "torch": "kmismatch_lite.backends.torch_lora:TorchTrainer",
+    "mlx": "kmismatch_lite.backends.mlx:MlxTrainer",
+    "unsloth": "kmismatch_lite.backends.unsloth:UnslothTrainer",
+}
+
+
+class Generator(Protocol):
+    """Greedy answers for a batch of prompts, cut at the stop strings, within a token cap."""
+
+    name: str
+
+    def generate(
+        self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
+        progress: Progress | None = None,
+    ) -> list[str]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Trainer(Protocol):
+    """Fits a LoRA adapter on the student and writes it (peft format and GGUF) into a folder."""
+
+    name: str
+
+    def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]: ...
+
+
+def _load(registry: dict[str, str], name: str, what: str) -> type:
+    if name not in registry:
+        raise KmmError(f"unknown {what} backend '{name}' (choose from {', '.join(registry)})")
+    module, _, cls = registry[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise KmmError(f"{what} backend '{name}' is not available: {exc}") from None
+
+
+def generator_class(name: str) -> type:
+    return _load(GENERATORS, name, "generation")
+
+
+def trainer_class(name: str) -> type:
+    return _load(TRAINERS, name, "fine-tune")
+
+
+def parse_options(pairs: Sequence[str], known: dict[str, type], where: str) -> dict[str, Any]:
+    """`key=value` strings into typed settings; an unknown key is an error naming it."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise KmmError(f"bad option '{pair}' for {where}: use key=value")
+        if key not in known:
+            raise KmmError(f"unknown option '{key}' for {where} (known: {', '.join(sorted(known))})")
+        out[key] = coerce(value, known[key], key)
+    return out
+
+
+def coerce(value: str, kind: type, key: str) -> Any:
+    try:
+        if kind is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("1", "true", "yes")
+        if kind is list:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return kind(value)
+    except ValueError:
+        raise KmmError(f"bad value for '{key}': {value!r} (expected {kind.__name__})") from None

@@ -1,0 +1,119 @@
+"""llama.cpp GGUF generation (llama-cpp-python): greedy decoding with the KV cache of the
+longest shared token prefix kept between prompts, so a few-shot prefix is evaluated once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kmismatch_lite.cards import Model, check_gguf
+from kmismatch_lite.errors import KmmError, missing_extra
+
+OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float}
+
+
+def _quiet_llama(**kwargs):
+    """Build a Llama while keeping llama.cpp's C-level log lines off the terminal."""
+    from llama_cpp import Llama
+
+    return Llama(verbose=False, **kwargs)
+
+
+class LlamaCppGenerator:
+    """Greedy answers from a GGUF model, optionally with a GGUF LoRA adapter."""
+
+    name = "llamacpp"
+
+    def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
+                 n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
+                 lora_scale: float = 1.0):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise missing_extra("llama-cpp-python", "llamacpp") from None
+        if adapter is not None:
+            check_gguf(Path(adapter))
+        self.model, self.adapter, self.seed = model, adapter, seed
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if _gpu_offload() else 0
+        try:
+            self.llm = _quiet_llama(
+                model_path=str(model.gguf_path), n_ctx=n_ctx, seed=seed,
+                n_threads=threads or max(1, (os.cpu_count() or 2)), n_batch=512,
+                n_gpu_layers=n_gpu_layers,
+                lora_path=str(adapter) if adapter else None, lora_scale=lora_scale,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            what = f"adapter {adapter} on {model.gguf_path}" if adapter else str(model.gguf_path)
+            raise KmmError(f"llama.cpp could not load {what} (corrupt file, or an adapter for another base): {exc}") from None
+        self._eos = {self.llm.token_eos()}
+        eot = getattr(self.llm, "_model", None)
+        if eot is not None and hasattr(eot, "token_eot"):
+            self._eos.add(eot.token_eot())
+        self._cached: list[int] = []
+
+    def info(self) -> dict[str, Any]:
+        import llama_cpp
+
+        return {"backend": self.name, "llama_cpp_python": llama_cpp.__version__,
+                "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None}
+
+    def close(self) -> None:
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+    def _eval_prompt(self, tokens: list[int]) -> None:
+        # Keep the cached tokens shared with this prompt; evaluate only the rest.
+        keep = 0
+        limit = min(len(tokens) - 1, len(self._cached))
+        while keep < limit and tokens[keep] == self._cached[keep]:
+            keep += 1
+        self.llm.n_tokens = keep
+        self.llm.eval(tokens[keep:])
+        self._cached = list(tokens)
+
+    def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
+        llm = self.llm
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        if len(tokens) + max_tokens > llm.n_ctx():
+            raise KmmError(f"prompt of {len(tokens)} tokens does not fit the context of {llm.n_ctx()}")
+        self._eval_prompt(tokens)
+        out = b""
+        for _ in range(max_tokens):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            tok = int(np.argmax(logits))
+            if tok in self._eos:
+                break
+            out += llm.detokenize([tok], prev_tokens=self._cached)
+            self._cached.append(tok)
+            text = out.decode("utf-8", errors="ignore")
+            if any(s in text for s in stop):
+                break
+            llm.eval([tok])
+        text = out.decode("utf-8", errors="ignore")
+        for s in stop:
+            text = text.split(s, 1)[0]
+        # The last sampled token may not be in the KV cache; never reuse past the prompt.
+        self._cached = tokens if llm.n_tokens < len(self._cached) else self._cached
+        self._cached = self._cached[: llm.n_tokens]
+        return text.strip()
+
+    def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
+                 progress=None) -> list[str]:
+        outputs = []
+        for prompt in prompts:
+            outputs.append(self._complete(prompt, max_tokens, stop))
+            if progress:
+                progress(1)
+        return outputs
+
+
+def _gpu_offload() -> bool:
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except (ImportError, AttributeError):
+        return False

@@ -1,0 +1,213 @@
+"""Model cards (`models/*.toml`) and model resolution: a card name, a local `.gguf` path, or
+`hf:org/repo:file.gguf` all name a model; each resolves to a GGUF file on disk or a clear error."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from kmismatch_lite.errors import KmmError
+from kmismatch_lite.toml_strict import check_keys, read_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(os.environ.get("KMM_MODELS_DIR", ROOT / "models"))
+
+_SOURCE_KEYS = {"package": str, "file": str, "assemble": bool, "path": str,
+                "hf_repo": str, "hf_file": str, "sha256": str}
+CARD_KEYS = {
+    "name": str, "family": str, "params": str, "license": str, "prompt_style": str,
+    "description": str, "gguf": _SOURCE_KEYS, "hf": {"repo": str}, "mlx": {"repo": str},
+}
+PROMPT_STYLES = ("base", "chat")
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the project knows about one model, read from its TOML file."""
+
+    name: str
+    family: str
+    params: str
+    license: str
+    prompt_style: str = "base"
+    description: str = ""
+    gguf: dict = field(default_factory=dict)
+    hf_repo: str | None = None
+    mlx_repo: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A resolved model: its GGUF file on disk (or, for a served model, its endpoint URL) and,
+    when it came from one, its card."""
+
+    name: str
+    gguf_path: Path | None
+    card: Card | None = None
+    url: str | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.url is not None
+
+    @property
+    def prompt_style(self) -> str:
+        return self.card.prompt_style if self.card else "base"
+
+
+def parse_card(path: Path) -> Card:
+    raw = read_toml(path)
+    check_keys(raw, CARD_KEYS, path)
+    for key in ("name", "family", "params", "license", "gguf"):
+        if key not in raw:
+            raise KmmError(f"{path}: missing key '{key}'")
+    if raw.get("prompt_style", "base") not in PROMPT_STYLES:
+        raise KmmError(f"{path}: 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}")
+    g = raw["gguf"]
+    kinds = [k for k in ("package", "path", "hf_repo") if k in g]
+    if len(kinds) != 1:
+        raise KmmError(f"{path}: [gguf] needs exactly one of package, path, hf_repo")
+    if "hf_repo" in g and "hf_file" not in g:
+        raise KmmError(f"{path}: [gguf] hf_repo needs hf_file")
+    if "package" in g and not (g.get("file") or g.get("assemble")):
+        raise KmmError(f"{path}: [gguf] package needs file or assemble = true")
+    return Card(
+        name=raw["name"], family=raw["family"], params=raw["params"], license=raw["license"],
+        prompt_style=raw.get("prompt_style", "base"), description=raw.get("description", ""),
+        gguf=g, hf_repo=raw.get("hf", {}).get("repo"), mlx_repo=raw.get("mlx", {}).get("repo"),
+        path=path,
+    )
+
+
+@cache
+def cards(models_dir: Path = MODELS_DIR) -> dict[str, Card]:
+    """Every card in `models_dir`, by name."""
+    out: dict[str, Card] = {}
+    for path in sorted(Path(models_dir).glob("*.toml")):
+        card = parse_card(path)
+        if card.name in out:
+            raise KmmError(f"{path}: model name '{card.name}' is already used by {out[card.name].path}")
+        out[card.name] = card
+    return out
+
+
+def hf_cache_file(repo: str, filename: str) -> Path | None:
+    """The file in the local Hugging Face cache, if a download put it there."""
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snapshots = hub / f"models--{repo.replace('/', '--')}" / "snapshots"
+    for snap in sorted(snapshots.glob("*"), reverse=True):
+        if (snap / filename).is_file():
+            return snap / filename
+    return None
+
+
+def locate(source: dict, name: str) -> tuple[Path | None, str]:
+    """Where a GGUF source is on disk now (or None) and a line saying how to get it."""
+    if "path" in source:
+        p = Path(source["path"]).expanduser()
+        return (p if p.is_file() else None), f"put the GGUF file at {p}"
+    if "hf_repo" in source:
+        how = f"download it (needs internet): kmm pull {name}"
+        return hf_cache_file(source["hf_repo"], source["hf_file"]), how
+    pkg = source["package"]
+    how = f"pip install 'kmismatch_lite[models]' (package {pkg.replace('_', '-')})"
+    if importlib.util.find_spec(pkg) is None:
+        return None, how
+    module = importlib.import_module(pkg)
+    if source.get("assemble"):
+        try:
+            module.verify_chunks()
+        except (FileNotFoundError, ImportError, ModuleNotFoundError):
+            return None, how
+        return Path(module.default_output_path()), how
+    p = Path(module.__file__).parent / source["file"]
+    return (p if p.is_file() else None), how
+
+
+def materialize(source: dict, path: Path) -> Path:
+    """Packages that ship a GGUF in chunks write it once into the cache."""
+    if source.get("assemble") and not path.is_file():
+        module = importlib.import_module(source["package"])
+        return Path(module.assemble())
+    return path
+
+
+def check_gguf(path: Path) -> None:
+    """A clear error for a missing file or one that is not GGUF."""
+    if not path.is_file():
+        raise KmmError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise KmmError(f"{path} is not a GGUF model file (corrupt, truncated or another format)")
+
+
+def resolve(spec: str) -> Model:
+    """Turn a model name, a `.gguf` path, `hf:org/repo:file.gguf` or a served model
+    `openai:http://host:port/v1#model` into a file on disk or an endpoint."""
+    if spec.startswith("openai:"):
+        url, _, name = spec[len("openai:"):].partition("#")
+        if not url.startswith(("http://", "https://")) or not name:
+            raise KmmError(f"bad model '{spec}': use openai:http://host:port/v1#model")
+        return Model(name, None, None, url.rstrip("/"))
+    if spec.startswith("hf:"):
+        repo, _, filename = spec[3:].partition(":")
+        if not repo or not filename:
+            raise KmmError(f"bad model '{spec}': use hf:org/repo:file.gguf")
+        path = hf_cache_file(repo, filename)
+        if path is None:
+            raise KmmError(f"model '{spec}' is not available offline: download it (needs internet) with kmm pull {spec}")
+        check_gguf(path)
+        return Model(spec, path)
+    if spec.endswith(".gguf") or os.sep in spec:
+        path = Path(spec).expanduser()
+        check_gguf(path)
+        return Model(path.stem, path)
+    known = cards()
+    if spec not in known:
+        raise KmmError(f"unknown model '{spec}' (known: {', '.join(sorted(known))}; or a .gguf path, or hf:org/repo:file.gguf)")
+    card = known[spec]
+    path, how = locate(card.gguf, card.name)
+    if path is None:
+        raise KmmError(f"model '{spec}' is not available offline: {how}")
+    path = materialize(card.gguf, path)
+    check_gguf(path)
+    return Model(card.name, path, card)
+
+
+def availability(card: Card) -> tuple[bool, str]:
+    """(available offline now, where or how to get it) for `kmm models`."""
+    path, how = locate(card.gguf, card.name)
+    if path is None:
+        return False, how
+    if card.gguf.get("assemble") and not path.is_file():
+        return True, f"{card.gguf['package']} (assembled on first use)"
+    return True, str(path)
+
+
+def pull(spec: str) -> Path:
+    """Download a hub GGUF into the Hugging Face cache (the one online step)."""
+    if spec.startswith("hf:"):
+        repo, _, filename = spec[3:].partition(":")
+    else:
+        known = cards()
+        if spec not in known:
+            raise KmmError(f"unknown model '{spec}'")
+        src = known[spec].gguf
+        if "hf_repo" not in src:
+            raise KmmError(f"model '{spec}' is not on the hub; {locate(src, spec)[1]}")
+        repo, filename = src["hf_repo"], src["hf_file"]
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise KmmError("huggingface_hub is not installed: pip install 'kmismatch_lite[hub]'") from None
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as exc:
+        raise KmmError(f"could not download {repo}/{filename}: {exc.__class__.__name__}") from None

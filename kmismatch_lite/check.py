@@ -1,0 +1,95 @@
+"""`kmm check`: answer questions with a model, score the answers, write samples and metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kmismatch_lite import cards, data, prompts, scoring
+from kmismatch_lite.backends import generator_class
+from kmismatch_lite.data import Question
+from kmismatch_lite.io import sha256_file, sha256_text, write_json, write_jsonl
+
+
+@dataclass
+class CheckResult:
+    """Per-question samples, the tally and the metrics dictionary written as metrics.json."""
+
+    samples: list[dict]
+    tally: scoring.Tally
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def score(questions: Sequence[Question], outputs: Sequence[str]) -> tuple[list[dict], scoring.Tally]:
+    """One sample row per question (id, question, answers, output, verdict) and their tally."""
+    samples, exact = [], []
+    for q, out in zip(questions, outputs):
+        samples.append({"id": q.id, "question": q.question, "answers": q.answers,
+                        "output": out, "verdict": scoring.verdict(out, q.answers)})
+        exact.append(scoring.exact_match(out, q.answers))
+    return samples, scoring.tally([s["verdict"] for s in samples], exact)
+
+
+def answer(generator, template: prompts.PromptTemplate, questions: Sequence[Question],
+           progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers for the questions with the template, through any generator backend."""
+    rendered = [template.render(q.question) for q in questions]
+    return generator.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP, progress=progress)
+
+
+def make_generator(backend: str, model: cards.Model, adapter: Path | None, seed: int, options: dict):
+    return generator_class(backend)(model, adapter=adapter, seed=seed, **options)
+
+
+def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", limit: int | None = None,
+          backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
+          seed: int = 0, options: dict | None = None, out: Path | None = None,
+          progress_factory=None) -> CheckResult:
+    """Run the check; `progress_factory(description, total)` gives a context yielding advance()."""
+    model = cards.resolve(model_spec)
+    if model.served and backend == "llamacpp":
+        backend = "openai"
+    qs = data.load(dataset, seed=seed)
+    questions = qs.split(split)[: limit or None]
+    if not questions:
+        raise scoring_empty(dataset, split)
+    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(qs.exemplars, seed=seed)
+    gen = make_generator(backend, model, adapter, seed, options or {})
+    t0 = time.perf_counter()
+    if progress_factory:
+        with progress_factory(f"{model.name} answering", len(questions)) as advance:
+            outputs = answer(gen, template, questions, advance)
+    else:
+        outputs = answer(gen, template, questions)
+    seconds = time.perf_counter() - t0
+    samples, tally = score(questions, outputs)
+    metrics = {
+        **tally.as_dict(),
+        "model": model.name,
+        "model_file": str(model.gguf_path) if model.gguf_path else model.url,
+        "model_sha256": sha256_file(model.gguf_path) if model.gguf_path else None,
+        "adapter": str(adapter) if adapter else None,
+        "adapter_sha256": sha256_file(adapter) if adapter else None,
+        "backend": gen.info(),
+        "dataset": dataset,
+        "split": split,
+        "prompt": template.describe(),
+        "prompt_sha256": sha256_text(template.describe()),
+        "prompt_style": "zero-shot" if zero_shot else f"{template.shots}-shot",
+        "seed": seed,
+        "seconds": round(seconds, 3),
+        "questions_per_second": round(len(questions) / seconds, 3) if seconds else None,
+    }
+    gen.close()
+    if out is not None:
+        write_jsonl(Path(out) / "samples.jsonl", samples)
+        write_json(Path(out) / "metrics.json", metrics)
+    return CheckResult(samples, tally, metrics)
+
+
+def scoring_empty(dataset: str, split: str):
+    from kmismatch_lite.errors import KmmError
+
+    return KmmError(f"data set '{dataset}' has no questions in split '{split}'")

@@ -1,0 +1,113 @@
+"""The `kmm` command: a thin shell over the library. Each subcommand imports its module only
+when it runs, so `kmm --help` stays fast and light."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kmismatch_lite.errors import KmmError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kmismatch_lite")
+def cli() -> None:
+    """kmismatch_lite: does fine-tuning a small model on a bigger model's answers make it
+    hallucinate more than fine-tuning it on its own? Generate, fine-tune, evaluate, offline."""
+
+
+@cli.command()
+def models() -> None:
+    """List the model cards and whether each is available offline now."""
+    from kmismatch_lite import cards, ui
+
+    rows = []
+    for card in cards.cards().values():
+        ok, where = cards.availability(card)
+        rows.append([card.name, card.family, card.params, card.license, card.prompt_style,
+                     "yes" if ok else "no", where])
+    ui.table("Model cards", ["name", "family", "params", "license", "prompt", "offline", "where / how to get it"], rows)
+
+
+@cli.command()
+@click.argument("model")
+def pull(model: str) -> None:
+    """Download a hub model's GGUF into the local cache (needs internet)."""
+    from kmismatch_lite import cards, ui
+
+    path = cards.pull(model)
+    click.echo(str(path))
+    ui.summary(f"pulled {model} -> {path}")
+
+
+@cli.command("data")
+@click.argument("spec")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split.")
+@click.option("--show", default=5, show_default=True, help="Sample rows to print per split.")
+def data_cmd(spec: str, seed: int, show: int) -> None:
+    """Print counts and a few rows of the question set SPEC (geonames, triviaqa, popqa,
+    jsonl:PATH, csv:PATH, parquet:PATH)."""
+    from collections import Counter
+
+    from kmismatch_lite import data, ui
+
+    qs = data.load(spec, seed=seed)
+    rel = Counter(q.relation or "-" for s in data.SPLITS for q in qs.split(s))
+    ui.table(f"Question set {spec} (seed {seed})", ["split", "questions", "subjects"],
+             [[s, len(qs.split(s)), len({q.subject or q.id for q in qs.split(s)})] for s in data.SPLITS])
+    ui.table("Relations", ["relation", "questions"], sorted(rel.items()))
+    for s in ("train", "test"):
+        rows = [[q.id, q.question, " | ".join(q.answers[:3]), q.popularity or ""] for q in qs.split(s)[:show]]
+        ui.table(f"{s}: first {len(rows)} rows", ["id", "question", "answers", "popularity"], rows)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--dataset", "-d", default="geonames", show_default=True, help="Question set SPEC.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "exemplars"]))
+@click.option("--limit", "-n", type=int, default=None, help="Answer only the first N questions.")
+@click.option("--backend", "-b", default="llamacpp", show_default=True, help="Generation backend.")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None, help="A GGUF LoRA adapter.")
+@click.option("--zero-shot", is_flag=True, help="The zero-shot prompt (for fine-tuned models).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write samples.jsonl and metrics.json here.")
+@click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option (repeatable).")
+def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, options) -> None:
+    """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
+    or hf:org/repo:file.gguf)."""
+    from kmismatch_lite import check as check_mod, ui
+    from kmismatch_lite.backends import generator_class, parse_options
+
+    opts = parse_options(options, getattr(sys.modules[generator_class(backend).__module__], "OPTIONS", {}), backend)
+    t0 = time.perf_counter()
+    res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
+                          adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts, out=out,
+                          progress_factory=ui.progress_bar)
+    m = res.metrics
+    label = m["model"] + (" + adapter" if adapter else "")
+    ui.table(f"kmm check: {label} on {dataset} [{split}], {m['prompt_style']}", ui.TALLY_COLUMNS,
+             ui.tally_rows({label: m}))
+    where = f", outputs in {out}" if out else ""
+    ui.summary(f"checked {m['n']} questions with {label} ({backend}) in {time.perf_counter() - t0:.1f}s "
+               f"({m['questions_per_second']:.1f} q/s){where}")
+
+
+def main() -> None:
+    """Entry point: a KmmError becomes one line on stderr and exit status 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except KmmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,64 @@
+"""All terminal output: progress bars and logs on stderr, tables on stdout (the only rich user)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def log(message: str) -> None:
+    err.print(message)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, fields: str = "") -> Iterator:
+    """Yield `advance(n=1, **info)`: a rich bar on stderr, with free-form info after it."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and total < 2) as bar:
+        task = bar.add_task(description, total=total, info=fields)
+
+        def advance(n: int = 1, **info) -> None:
+            text = " ".join(f"{k}={v}" for k, v in info.items())
+            bar.update(task, advance=n, **({"info": text} if info else {}))
+
+        yield advance
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence], file=None) -> None:
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    out.print(t)
+
+
+def tally_rows(named: dict[str, dict]) -> list[list[str]]:
+    """Rows of counts and rates for tables of conditions or checks."""
+    rows = []
+    for name, m in named.items():
+        rows.append([name, m["n"], m["correct"], m["wrong"], m["abstained"],
+                     f"{m['hallucination_rate']:.1%}", f"{m['precision']:.1%}", f"{m['exact_match_rate']:.1%}"])
+    return rows
+
+
+TALLY_COLUMNS = ["condition", "n", "correct", "wrong", "abstained", "halluc. rate", "precision", "exact match"]
+
+
+def summary(message: str) -> None:
+    """The one summary line every long command ends with (stderr)."""
+    err.print(f"[bold]{message}[/bold]")
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
