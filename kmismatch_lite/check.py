@@ -43,26 +43,23 @@ def make_generator(backend: str, model: cards.Model, adapter: Path | None, seed:
     return generator_class(backend)(model, adapter=adapter, seed=seed, **options)
 
 
-def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", limit: int | None = None,
-          backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
-          seed: int = 0, options: dict | None = None, out: Path | None = None,
-          progress_factory=None) -> CheckResult:
-    """Run the check; `progress_factory(description, total)` gives a context yielding advance()."""
-    model = cards.resolve(model_spec)
+def evaluate(model: cards.Model, questions: Sequence[Question], template: prompts.PromptTemplate, *,
+             backend: str = "llamacpp", adapter: Path | None = None, seed: int = 0,
+             options: dict | None = None, progress_factory=None, label: str | None = None) -> CheckResult:
+    """Answer `questions` with the model (and adapter) through a backend, then score them."""
     if model.served and backend == "llamacpp":
         backend = "openai"
-    qs = data.load(dataset, seed=seed)
-    questions = qs.split(split)[: limit or None]
-    if not questions:
-        raise scoring_empty(dataset, split)
-    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(qs.exemplars, seed=seed)
     gen = make_generator(backend, model, adapter, seed, options or {})
     t0 = time.perf_counter()
-    if progress_factory:
-        with progress_factory(f"{model.name} answering", len(questions)) as advance:
-            outputs = answer(gen, template, questions, advance)
-    else:
-        outputs = answer(gen, template, questions)
+    try:
+        if progress_factory:
+            with progress_factory(f"{label or model.name} answering", len(questions)) as advance:
+                outputs = answer(gen, template, questions, advance)
+        else:
+            outputs = answer(gen, template, questions)
+        info = gen.info()
+    finally:
+        gen.close()
     seconds = time.perf_counter() - t0
     samples, tally = score(questions, outputs)
     metrics = {
@@ -72,21 +69,35 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", li
         "model_sha256": sha256_file(model.gguf_path) if model.gguf_path else None,
         "adapter": str(adapter) if adapter else None,
         "adapter_sha256": sha256_file(adapter) if adapter else None,
-        "backend": gen.info(),
-        "dataset": dataset,
-        "split": split,
+        "backend": info,
         "prompt": template.describe(),
         "prompt_sha256": sha256_text(template.describe()),
-        "prompt_style": "zero-shot" if zero_shot else f"{template.shots}-shot",
+        "prompt_style": f"{template.shots}-shot" if template.shots else "zero-shot",
         "seed": seed,
         "seconds": round(seconds, 3),
         "questions_per_second": round(len(questions) / seconds, 3) if seconds else None,
     }
-    gen.close()
-    if out is not None:
-        write_jsonl(Path(out) / "samples.jsonl", samples)
-        write_json(Path(out) / "metrics.json", metrics)
     return CheckResult(samples, tally, metrics)
+
+
+def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", limit: int | None = None,
+          backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
+          seed: int = 0, options: dict | None = None, out: Path | None = None,
+          progress_factory=None) -> CheckResult:
+    """Run the check; `progress_factory(description, total)` gives a context yielding advance()."""
+    model = cards.resolve(model_spec)
+    qs = data.load(dataset, seed=seed)
+    questions = qs.split(split)[: limit or None]
+    if not questions:
+        raise scoring_empty(dataset, split)
+    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(qs.exemplars, seed=seed)
+    res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
+                   options=options, progress_factory=progress_factory)
+    res.metrics.update(dataset=dataset, split=split)
+    if out is not None:
+        write_jsonl(Path(out) / "samples.jsonl", res.samples)
+        write_json(Path(out) / "metrics.json", res.metrics)
+    return res
 
 
 def scoring_empty(dataset: str, split: str):
