@@ -13,7 +13,7 @@ VERDICTS = (CORRECT, WRONG, ABSTAINED)
 
 ABSTAIN_TARGET = "I don't know"
 
-# Normalised forms: an answer abstains when it starts with one of these.
+# Normalised forms: an answer abstains when it starts with one of these ("I don't know, sorry").
 ABSTAIN_PHRASES = (
     "i dont know",
     "i do not know",
@@ -29,21 +29,25 @@ ABSTAIN_PHRASES = (
     "i cant answer",
     "i cannot say",
     "i cant say",
-    "unknown",
     "i am unsure",
-    "unsure",
     "no answer",
 )
+# Single words that abstain only as the whole answer: "Unknown" abstains, but "Unknown Soldier"
+# or "Unsure River" is a real (possibly correct) answer.
+ABSTAIN_WORDS = ("unknown", "unsure")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation if c not in "'"})
 _SPACES = re.compile(r"\s+")
+_ACRONYM = re.compile(r"(?<![\w.])(?:[a-z]\.){2,}(?![\w])")
 
 
 def normalize(text: str) -> str:
     """Fold to ASCII, lower-case, drop punctuation and articles, squeeze spaces."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     text = text.lower().replace("'", "")
+    # Dotted acronyms: "U.S.A." is "usa" (else the article rule would eat its "a").
+    text = _ACRONYM.sub(lambda m: m.group(0).replace(".", ""), text)
     # Thousands separators: "1,000" and "1000" are the same number.
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
     text = text.translate(_PUNCT)
@@ -54,7 +58,7 @@ def normalize(text: str) -> str:
 def is_abstain(output: str) -> bool:
     """True if the answer is an "I don't know" or a close variant."""
     norm = normalize(output)
-    return any(norm == p or norm.startswith(p + " ") for p in ABSTAIN_PHRASES)
+    return norm in ABSTAIN_WORDS or any(norm == p or norm.startswith(p + " ") for p in ABSTAIN_PHRASES)
 
 
 def contains_alias(output: str, answers: Iterable[str]) -> bool:
