@@ -109,21 +109,19 @@ def _city_questions(countries: dict, cities: dict, n: int, seed: int) -> list[Qu
     pool = [
         c for c in cities.values()
         if names[c["name"]] == 1 and c["name"] not in capitals
-        and c["countrycode"] in countries and _latin(c["name"])
+        and c["countrycode"] in countries and _latin(c["name"]) and c["population"] > 0
     ]
     # Even spread over log10(population): famous and obscure cities alike.
     bins: dict[int, list[dict]] = {}
     for c in pool:
         bins.setdefault(int(math.log10(max(c["population"], 1)) * 4), []).append(c)
     rng = random.Random(seed)
-    keys = sorted(bins)
-    per_bin = max(1, math.ceil(n / len(keys)))
+    quota = _even_quota({k: len(v) for k, v in bins.items()}, n)
     chosen: list[dict] = []
-    for k in keys:
+    for k in sorted(bins):
         members = sorted(bins[k], key=lambda c: c["geonameid"])
-        chosen += rng.sample(members, min(per_bin, len(members)))
-    chosen = sorted(chosen, key=lambda c: c["geonameid"])
-    chosen = sorted(rng.sample(chosen, min(n, len(chosen))), key=lambda c: -c["population"])
+        chosen += rng.sample(members, quota[k])
+    chosen = sorted(chosen, key=lambda c: -c["population"])
     out = []
     for c in chosen:
         country = countries[c["countrycode"]]["name"]
@@ -133,3 +131,18 @@ def _city_questions(countries: dict, cities: dict, n: int, seed: int) -> list[Qu
             [country] + COUNTRY_ALIASES.get(country, []),
             "country_of_city", f"city:{c['geonameid']}", int(c["population"])))
     return out
+
+
+def _even_quota(sizes: dict[int, int], n: int) -> dict[int, int]:
+    """Share `n` as evenly as possible over bins of the given sizes; what a small bin cannot
+    take goes to the others, so the total is `n` whenever the bins hold that many."""
+    quota = dict.fromkeys(sizes, 0)
+    left = min(n, sum(sizes.values()))
+    while left:
+        open_bins = [k for k in sorted(sizes) if quota[k] < sizes[k]]
+        share = max(1, left // len(open_bins))
+        for k in open_bins:
+            take = min(share, sizes[k] - quota[k], left)
+            quota[k] += take
+            left -= take
+    return quota
