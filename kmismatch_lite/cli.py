@@ -95,6 +95,49 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
                f"({m['questions_per_second']:.1f} q/s){where}")
 
 
+@cli.command()
+@click.argument("recipe")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default runs/<recipe name>).")
+@click.option("-s", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe setting, e.g. -s data.test=100 (repeatable).")
+def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
+    """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
+    fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report."""
+    from kmismatch_lite import recipes, report, run as run_mod, ui
+
+    r = recipes.load(recipe, settings)
+    out = out or Path("runs") / r["name"]
+    t0 = time.perf_counter()
+    done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar)
+    res = done["results"]
+    ui.table(f"kmm run {r['name']}: {res['student']} (student), {res['teacher']} (teacher), "
+             f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
+    ui.out.print(report.verdict_text(res))
+    ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
+    ui.out.print(f"report: {out / 'report.md'}")
+    ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({len(done['ran'])} stages run, "
+               f"{len(done['reused'])} reused), outputs in {out}")
+
+
+@cli.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+def report_cmd(runs: tuple[Path, ...]) -> None:
+    """Print the results table of RUN_DIR, or compare two run folders side by side."""
+    from kmismatch_lite import report, ui
+
+    if len(runs) > 2:
+        raise KmmError("give one run folder, or two to compare")
+    loaded = [report.load(r) for r in runs]
+    if len(loaded) == 1:
+        res = loaded[0]
+        ui.table(f"{runs[0]}: {res['student']} (student), {res['teacher']} (teacher)", ui.TALLY_COLUMNS,
+                 report.table_rows(res))
+        ui.out.print(report.verdict_text(res))
+        return
+    ui.table("comparison", ["figure", str(runs[0]), str(runs[1]), "change"], report.compare_rows(*loaded))
+
+
 def main() -> None:
     """Entry point: a KmmError becomes one line on stderr and exit status 1."""
     try:
