@@ -134,7 +134,7 @@ def _row_to_question(row: dict, where: str) -> Question:
         raise ValueError("'answers' must be a non-empty string or list of strings")
     pop = row.get("popularity")
     return Question(
-        id=str(row.get("id") or where),
+        id=str(row["id"]) if row.get("id") not in (None, "") else where,
         question=q.strip(),
         answers=[a.strip() for a in answers],
         relation=row.get("relation") or None,
@@ -181,13 +181,17 @@ def load_file(path: Path, kind: str) -> list[Question]:
     """Read a local question file; every malformed row is reported with its line number."""
     if not path.is_file():
         raise KmmError(f"data file not found: {path}")
-    questions, bad = [], []
+    questions, bad, seen = [], [], set()
     try:
         for line, row in _rows(path, kind):
             try:
                 if isinstance(row, Exception):
                     raise row
-                questions.append(_row_to_question(row, f"{path.stem}:{line}"))
+                q = _row_to_question(row, f"{path.stem}:{line}")
+                if q.id in seen:
+                    raise ValueError(f"duplicate id {q.id!r}")
+                seen.add(q.id)
+                questions.append(q)
             except (ValueError, TypeError) as exc:
                 bad.append(f"line {line} ({exc})")
     except UnicodeDecodeError:
