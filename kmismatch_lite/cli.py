@@ -81,6 +81,8 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
     from kmismatch_lite import check as check_mod, ui
     from kmismatch_lite.backends import generator_class, parse_options
 
+    if model.startswith("openai:") and backend == "llamacpp":
+        backend = "openai"  # a served model is answered by its server, so -o takes that backend's options
     opts = parse_options(options, getattr(sys.modules[generator_class(backend).__module__], "OPTIONS", {}), backend)
     t0 = time.perf_counter()
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,

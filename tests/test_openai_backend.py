@@ -1,0 +1,295 @@
+"""The openai backend against a scripted fake server (fast), and against llama-cpp-python's own
+server compared with the local llama.cpp backend (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fake_openai import serve
+from kmismatch_lite import cards
+from kmismatch_lite.backends.openai import OpenAIGenerator, cache_key, question_line
+from kmismatch_lite.errors import KmmError
+
+STOP, MAX_TOKENS = ["\n"], 16
+
+
+def prompt(q: str) -> str:
+    return f"Question: What is 1+1?\nAnswer: 2\n\nQuestion: {q}\nAnswer:"
+
+
+def generator(server, **options) -> OpenAIGenerator:
+    options = {"concurrency": 1, "backoff": 0.01, "timeout": 5.0, **options}
+    return OpenAIGenerator(cards.resolve(f"openai:{server.url}#fake"), **options)
+
+
+def ask(server, questions, **options) -> list[str]:
+    gen = generator(server, **options)
+    try:
+        return gen.generate([prompt(q) for q in questions], max_tokens=MAX_TOKENS, stop=STOP)
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("failure", ["429", "500", "503", "drop"])
+def test_a_transient_failure_is_retried(failure):
+    with serve([failure]) as server:
+        assert ask(server, ["Capital of Peru?"]) == ["answer to Capital of Peru?"]
+        assert [r["step"] for r in server.requests] == [failure, "ok"]
+
+
+def test_a_timeout_is_retried():
+    with serve(["sleep:1.5"]) as server:
+        assert ask(server, ["Capital of Chad?"], timeout=0.3) == ["answer to Capital of Chad?"]
+        assert [r["step"] for r in server.requests] == ["sleep:1.5", "ok"]
+
+
+def test_spent_retries_name_the_server_and_the_status():
+    with serve(["500", "500", "500"]) as server:
+        with pytest.raises(KmmError) as err:
+            ask(server, ["Capital of Peru?"], retries=2)
+        assert len(server.requests) == 3
+    msg = str(err.value)
+    assert server.url in msg and "HTTP 500" in msg and "3 attempts" in msg and "\n" not in msg
+
+
+def test_a_client_error_is_not_retried():
+    with serve(["400"]) as server:
+        with pytest.raises(KmmError, match="HTTP 400"):
+            ask(server, ["Capital of Peru?"])
+        assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("reply", ["garbage", "nochoices"])
+def test_a_malformed_response_names_the_server_and_the_question(reply):
+    with serve([reply]) as server:
+        with pytest.raises(KmmError) as err:
+            ask(server, ["Which river flows through Lima?"])
+    msg = str(err.value)
+    assert "malformed" in msg and server.url in msg and "Which river flows through Lima?" in msg
+    assert "\n" not in msg
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    gen = OpenAIGenerator(cards.resolve(f"openai:http://127.0.0.1:{port}/v1#m"), retries=1, backoff=0.01)
+    with pytest.raises(KmmError, match=f"127.0.0.1:{port}.*connection error"):
+        gen.generate([prompt("x")], max_tokens=MAX_TOKENS, stop=STOP)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_asking_only_for_the_missing_answers(tmp_path):
+    questions = [f"Capital of country {i}?" for i in range(10)]
+    cache = tmp_path / "answers.jsonl"
+    arrived = []
+
+    def stop_half_way(n):
+        arrived.append(n)
+        if len(arrived) == 5:
+            raise Interrupted
+
+    with serve() as first:
+        gen = generator(first, cache=str(cache))
+        with pytest.raises(Interrupted):
+            gen.generate([prompt(q) for q in questions], max_tokens=MAX_TOKENS, stop=STOP, progress=stop_half_way)
+    asked_first = first.questions()
+    assert 5 <= len(asked_first) < 10  # the one in flight at the interruption may land too
+    with serve() as second:
+        progress = []
+        gen = generator(second, cache=str(cache), concurrency=3)
+        outputs = gen.generate([prompt(q) for q in questions], max_tokens=MAX_TOKENS, stop=STOP,
+                               progress=progress.append)
+    assert outputs == [f"answer to {q}" for q in questions]
+    assert sorted(second.questions()) == sorted(set(questions) - set(asked_first))
+    assert sum(progress) == 10
+    with serve() as third:
+        assert ask(third, questions, cache=str(cache)) == outputs
+        assert third.requests == []
+
+
+def test_the_cache_key_covers_model_prompt_cap_and_stop(tmp_path):
+    cache = str(tmp_path / "c.jsonl")
+    with serve() as server:
+        ask(server, ["q"], cache=cache)
+        ask(server, ["q"], cache=cache)
+        gen = generator(server, cache=cache)
+        gen.generate([prompt("q")], max_tokens=8, stop=STOP)
+        gen.generate([prompt("q")], max_tokens=8, stop=["\n", "."])
+        assert len(server.requests) == 3
+    keys = {cache_key(m, "completions", prompt("q"), 16, STOP) for m in ("a", "b")}
+    assert len(keys) == 2
+
+
+def test_a_cut_short_cache_line_is_skipped(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    with serve() as server:
+        ask(server, ["one", "two"], cache=str(cache))
+        cache.write_text(cache.read_text().rstrip("\n")[:-5])  # a crash mid-write
+        assert ask(server, ["one", "two"], cache=str(cache)) == ["answer to one", "answer to two"]
+        assert len(server.requests) == 3
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["output"] == "answer to two"  # a fresh line after the cut one
+
+
+def test_requests_are_greedy_with_the_stop_strings_and_the_cap():
+    with serve() as server:
+        ask(server, ["q"], seed=7)
+        body = server.requests[0]["body"]
+    assert server.requests[0]["path"] == "/v1/completions"
+    assert body["model"] == "fake" and body["prompt"] == prompt("q")
+    assert (body["temperature"], body["seed"], body["max_tokens"], body["stop"]) == (0.0, 7, MAX_TOKENS, STOP)
+    assert body["repeat_penalty"] == 1.0
+
+
+def test_the_chat_endpoint_sends_the_prompt_as_one_user_message():
+    with serve() as server:
+        assert ask(server, ["q"], endpoint="chat", greedy_extras=False) == ["answer to q"]
+        req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions"
+    assert req["body"]["messages"] == [{"role": "user", "content": prompt("q")}]
+    assert "repeat_penalty" not in req["body"]
+
+
+def test_requests_run_concurrently_up_to_the_limit():
+    with serve(["sleep:0.3"] * 4) as server:
+        ask(server, ["a", "b", "c", "d", "e", "f"], concurrency=3)
+        assert 2 <= server.peak_in_flight <= 3
+
+
+def test_the_api_key_is_sent_and_never_recorded(tmp_path, monkeypatch):
+    secret = "sk-test-do-not-leak-123"
+    monkeypatch.setenv("KMM_TEST_KEY", secret)
+    with serve() as server:
+        gen = generator(server, api_key_env="KMM_TEST_KEY", cache=str(tmp_path / "c.jsonl"))
+        gen.generate([prompt("q")], max_tokens=MAX_TOKENS, stop=STOP)
+        info = gen.info()
+        assert server.requests[0]["headers"]["Authorization"] == f"Bearer {secret}"
+    assert secret not in json.dumps(info) + repr(gen) + (tmp_path / "c.jsonl").read_text()
+    with serve(["401"]) as server:
+        with pytest.raises(KmmError) as err:
+            generator(server, api_key_env="KMM_TEST_KEY").generate([prompt("q")], max_tokens=4, stop=STOP)
+    assert secret not in str(err.value)
+
+
+def test_info_records_the_servers_model_id(tmp_path):
+    cache = str(tmp_path / "c.jsonl")
+    with serve(model_id="org/served-model") as server:
+        gen = generator(server, cache=cache, concurrency=2)
+        gen.generate([prompt("q")], max_tokens=MAX_TOKENS, stop=STOP)
+        info = gen.info()
+        assert (info["server_model_id"], info["base_url"], info["concurrency"]) == ("org/served-model", server.url, 2)
+        cached = generator(server, cache=cache)  # every answer cached: asks GET /models instead
+        cached.generate([prompt("q")], max_tokens=MAX_TOKENS, stop=STOP)
+        assert cached.info()["server_model_id"] == "org/served-model"
+        assert server.requests[-1]["path"] == "/v1/models"
+
+
+def test_an_adapter_or_a_local_model_is_refused(tmp_path):
+    served = cards.resolve("openai:http://127.0.0.1:9/v1#m")
+    with pytest.raises(KmmError, match="adapter"):
+        OpenAIGenerator(served, adapter=tmp_path / "a.gguf")
+    with pytest.raises(KmmError, match="served model"):
+        OpenAIGenerator(cards.Model("local", tmp_path / "m.gguf"))
+    with pytest.raises(KmmError, match="endpoint"):
+        OpenAIGenerator(served, endpoint="embeddings")
+
+
+def test_question_line_is_the_last_question():
+    assert question_line(prompt("Where is Lima?")) == "Question: Where is Lima?"
+    assert question_line("just text") == "just text"
+
+
+def test_kmm_check_on_a_served_model(tmp_path):
+    from kmismatch_lite.cli import cli
+
+    with serve(answer=lambda q: "I don't know") as server:
+        res = CliRunner().invoke(cli, ["check", f"openai:{server.url}#fake", "-n", "4", "-o", "concurrency=2",
+                                       "-o", f"cache={tmp_path / 'c.jsonl'}", "--out", str(tmp_path / "out")])
+        assert res.exit_code == 0, res.output
+        assert len(server.questions()) == 4
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["abstained"] == 4 and metrics["model_sha256"] is None
+    assert metrics["backend"]["server_model_id"] == "fake-model-id"
+
+
+# ---------------------------------------------------------------- integration: llama-cpp-python's server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(gguf: Path, alias: str, port: int, threads: int = 2,
+                       log: Path | None = None) -> subprocess.Popen:
+    """llama-cpp-python's server on loopback, ready to answer (or an error after 120 s)."""
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", str(threads),
+           "--n_threads_batch", str(threads), "--seed", "0"]
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama_cpp.server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_llama_server(proc)
+    raise RuntimeError("llama_cpp.server did not get ready within 120 s")
+
+
+def stop_llama_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    pytest.importorskip("llama_cpp.server.app", reason="needs the server extra: pip install 'kmismatch_lite[server]'")
+    gguf = cards.resolve("smollm2-135m-instruct").gguf_path
+    port = free_port()
+    proc = start_llama_server(gguf, "smollm2", port, log=tmp_path_factory.mktemp("server") / "server.log")
+    yield f"http://127.0.0.1:{port}/v1"
+    stop_llama_server(proc)
+
+
+@pytest.mark.integration
+def test_served_verdicts_match_the_local_backend(llama_server, tmp_path):
+    from kmismatch_lite import check
+
+    n = 60
+    cmd = [sys.executable, "-m", "kmismatch_lite", "check", f"openai:{llama_server}#smollm2", "-n", str(n),
+           "-o", "concurrency=2", "-o", f"cache={tmp_path / 'answers.jsonl'}", "--out", str(tmp_path / "served")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    assert run.returncode == 0, run.stderr
+    served = [json.loads(line) for line in (tmp_path / "served" / "samples.jsonl").read_text().splitlines()]
+    local = check.check("smollm2-135m-instruct", limit=n, backend="llamacpp").samples
+    assert [s["id"] for s in served] == [s["id"] for s in local]
+    same_verdict = sum(a["verdict"] == b["verdict"] for a, b in zip(served, local)) / n
+    same_output = sum(a["output"] == b["output"] for a, b in zip(served, local)) / n
+    print(f"\nserved vs local llama.cpp on {n} questions: same verdict {same_verdict:.1%}, same output {same_output:.1%}")
+    metrics = json.loads((tmp_path / "served" / "metrics.json").read_text())
+    assert metrics["backend"]["server_model_id"] == "smollm2"
+    assert same_verdict >= 0.95
