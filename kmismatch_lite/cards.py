@@ -138,14 +138,14 @@ def materialize(source: dict, path: Path) -> Path:
     return path
 
 
-def check_gguf(path: Path) -> None:
-    """A clear error for a missing file or one that is not GGUF."""
+def check_gguf(path: Path, what: str = "model") -> None:
+    """A clear error for a missing file or one that is not GGUF (`what`: model or adapter)."""
     if not path.is_file():
-        raise KmmError(f"model file not found: {path}")
+        raise KmmError(f"{what} file not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise KmmError(f"{path} is not a GGUF model file (corrupt, truncated or another format)")
+        raise KmmError(f"{path} is not a GGUF {what} file (corrupt, truncated or another format)")
 
 
 def resolve(spec: str) -> Model:

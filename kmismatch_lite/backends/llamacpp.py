@@ -30,12 +30,12 @@ class LlamaCppGenerator:
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
                  lora_scale: float = 1.0):
+        if adapter is not None:
+            check_gguf(Path(adapter), "adapter")
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise missing_extra("llama-cpp-python", "llamacpp") from None
-        if adapter is not None:
-            check_gguf(Path(adapter))
         self.model, self.adapter, self.seed = model, adapter, seed
         if n_gpu_layers is None:
             n_gpu_layers = -1 if _gpu_offload() else 0
