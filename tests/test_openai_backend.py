@@ -8,14 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from fake_openai import serve
+from llama_server import free_port, start_llama_server, stop_llama_server
 from kmismatch_lite import cards
 from kmismatch_lite.backends.openai import OpenAIGenerator, cache_key, question_line
 from kmismatch_lite.errors import KmmError
@@ -165,9 +163,10 @@ def test_the_chat_endpoint_sends_the_prompt_as_one_user_message():
 
 
 def test_requests_run_concurrently_up_to_the_limit():
-    with serve(["sleep:0.3"] * 4) as server:
-        ask(server, ["a", "b", "c", "d", "e", "f"], concurrency=3)
-        assert 2 <= server.peak_in_flight <= 3
+    # Slow answers leave time for the other requests to arrive even on a loaded machine.
+    with serve(["sleep:0.8"] * 4) as server:
+        ask(server, ["a", "b", "c", "d"], concurrency=3)
+        assert 2 <= server.peak_in_flight <= 3, server.peak_in_flight
 
 
 def test_the_api_key_is_sent_and_never_recorded(tmp_path, monkeypatch):
@@ -227,43 +226,6 @@ def test_kmm_check_on_a_served_model(tmp_path):
 
 
 # ---------------------------------------------------------------- integration: llama-cpp-python's server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_llama_server(gguf: Path, alias: str, port: int, threads: int = 2,
-                       log: Path | None = None) -> subprocess.Popen:
-    """llama-cpp-python's server on loopback, ready to answer (or an error after 120 s)."""
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", str(threads),
-           "--n_threads_batch", str(threads), "--seed", "0"]
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    stop_llama_server(proc)
-    raise RuntimeError("llama_cpp.server did not get ready within 120 s")
-
-
-def stop_llama_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):

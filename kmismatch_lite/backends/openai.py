@@ -10,7 +10,6 @@ import json
 import os
 import random
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
