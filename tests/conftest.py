@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 # Set before anything imports huggingface_hub or datasets: tests run offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -44,8 +42,3 @@ def bundled_model(name: str) -> str | None:
     except KmmError as exc:
         return str(exc)
     return None
-
-
-@pytest.fixture
-def kmm():
-    return run_kmm
