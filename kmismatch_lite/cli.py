@@ -95,7 +95,7 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
                           progress_factory=ui.progress_bar)
     m = res.metrics
     label = m["model"] + (" + adapter" if adapter else "")
-    ui.table(f"kmm check: {label} on {dataset} [{split}], {m['prompt_style']}", ui.TALLY_COLUMNS,
+    ui.table(f"kmm check: {label} on {dataset} ({split} split), {m['prompt_style']}", ui.TALLY_COLUMNS,
              ui.tally_rows({label: m}))
     where = f", outputs in {out}" if out else ""
     ui.summary(f"checked {m['n']} questions with {label} ({backend}) in {time.perf_counter() - t0:.1f}s "
