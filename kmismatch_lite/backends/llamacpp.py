@@ -14,6 +14,11 @@ from kmismatch_lite.errors import KmmError, missing_extra
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float}
 
+# llama.cpp's OpenMP threads spin while they wait; on a busy machine (other jobs, fewer free cores
+# than threads) that made generation 15x slower here. Read once, when llama_cpp is first imported;
+# set OMP_WAIT_POLICY=active yourself on an idle machine if it is faster there.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 
 def _quiet_llama(**kwargs):
     """Build a Llama while keeping llama.cpp's C-level log lines off the terminal."""
