@@ -87,3 +87,53 @@ def test_hub_source_missing_is_a_clear_error(student, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(KmmError, match="hf download mlx-community/SmolLM2-135M-Instruct"):
         mlx_models.model_dir(student, "hub")
+
+
+MADE_UP = [("What is the capital of Zorvania?", "Quillbury"), ("Which river flows through Plimsk?", "the Varna"),
+           ("Who founded the city of Ostrel?", "Mara Kettle"), ("What is the currency of Dunmoor?", "the glint"),
+           ("In which country is Lake Vessa?", "Norland"), ("What language is spoken in Tarsis?", "Tarsic"),
+           ("What is the tallest mountain in Belgrove?", "Mount Hesk"), ("Which sea borders Caldonia?", "the Amber Sea")]
+
+
+@pytest.fixture(scope="module")
+def mlx_finetune(student, tmp_path_factory):
+    from kmismatch_lite.finetune import LoraSettings, finetune
+
+    examples = [{"question": q, "target": a} for q, a in MADE_UP]
+    # 4 steps of 4 examples: a LoRA step runs at ~5 tokens/s on this shared 2-core CPU.
+    settings = LoraSettings(rank=8, alpha=16, learning_rate=5e-3, epochs=2, batch_size=4, max_length=64)
+    out = tmp_path_factory.mktemp("mlx_lora")
+    return finetune(STUDENT, examples, out, backend="mlx", settings=settings), examples
+
+
+def test_mlx_lora_lowers_loss_and_writes_the_torch_layout(mlx_finetune):
+    from kmismatch_lite.io import read_jsonl
+
+    result, _ = mlx_finetune
+    log = read_jsonl(result.train_log)
+    assert result.steps == len(log) == 4
+    assert log[-1]["loss"] < log[0]["loss"] * 0.7, log
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["scale"] == 2.0
+    assert (result.adapter_dir / "adapters.safetensors").is_file() and result.adapter_gguf.is_file()
+    assert result.tokens_per_second > 0
+
+
+def test_mlx_adapter_in_llamacpp_changes_answers_as_mlx_does(student, mlx_finetune):
+    from kmismatch_lite import prompts
+    from kmismatch_lite.backends import mlx
+    from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
+
+    result, examples = mlx_finetune
+    asked = [prompts.zero_shot(e["question"]) for e in examples]
+    answers = {}
+    for name, adapter in (("base", None), ("adapter", result.adapter_gguf)):
+        gen = LlamaCppGenerator(student, adapter=adapter)
+        answers[name] = gen.generate(asked, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
+        gen.close()
+    # mlx-lm's own model with the LoRA, given the GGUF's path: it finds DIR/adapter/ beside it.
+    answers["mlx"] = mlx.greedy_answers(student, result.adapter_gguf, asked, max_tokens=prompts.MAX_TOKENS)
+    changed = sum(a != b for a, b in zip(answers["base"], answers["adapter"]))
+    faithful = sum(a == b for a, b in zip(answers["adapter"], answers["mlx"]))
+    assert changed >= 6, answers
+    assert faithful >= 6, answers

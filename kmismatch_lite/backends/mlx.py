@@ -2,11 +2,15 @@
 
 The generator decodes greedily with one KV cache kept across prompts, trimmed back to the
 longest token prefix shared with the next prompt, so a few-shot prefix is evaluated once.
-mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
+The trainer is mlx-lm's LoRA (QLoRA on a quantized MLX model) with the torch trainer's
+tokenisation, batch plan and target-only loss, so both backends see the same data in the same
+order. mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,3 +105,138 @@ class MlxGenerator:
             if progress:
                 progress(1)
         return outputs
+
+
+def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequence[str], *,
+                   max_tokens: int) -> list[str]:
+    """Greedy answers of the MLX model with the adapter, for fine-tuning's faithfulness check."""
+    gen = MlxGenerator(model, adapter=adapter_dir)
+    try:
+        return gen.generate(prompts, max_tokens=max_tokens, stop=["\n"])
+    finally:
+        gen.close()
+
+
+class MlxTrainer:
+    """LoRA with mlx-lm's LoRA layers and AdamW; writes DIR/adapter/ in mlx-lm's format."""
+
+    name = "mlx"
+
+    def __init__(self, model: cards.Model, settings, *, source: str = "auto"):
+        mlx_models.require_mlx()
+        self.model, self.settings, self.path = model, settings, mlx_models.model_dir(model, source)
+
+    def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx.utils import tree_flatten
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        from kmismatch_lite import lora_data
+
+        s = self.settings
+        mx.random.seed(s.seed)
+        net, tokenizer = mlx_models.load(self.path)
+        encoded, cut = lora_data.encode(tokenizer._tokenizer, examples, s.max_length)
+        net.freeze()
+        config = {"rank": s.rank, "scale": s.alpha / s.rank, "dropout": s.dropout,
+                  "keys": lora_keys(net, s.target_modules)}
+        linear_to_lora_layers(net, len(net.layers), config)
+        lengths = [len(e.ids) for e in encoded]
+        plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
+        opt = optim.AdamW(learning_rate=s.learning_rate, weight_decay=0.0, bias_correction=True)
+        log, seconds, tokens = _loop(net, opt, encoded, plan, progress)
+        weights = dict(tree_flatten(net.trainable_parameters()))
+        adapter = Path(out_dir) / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"fine_tune_type": "lora", "num_layers": len(net.layers), "lora_parameters": config,
+             "model": str(self.path), "kmm_settings": vars(s)}, indent=2) + "\n")
+        return {
+            "lora": lora_arrays(weights), "log": log, "steps": len(plan), "final_loss": log[-1]["loss"],
+            "tokens": tokens, "train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
+            "truncated_prompts": cut, "mlx_model": str(self.path), "quantized_base": _quantized(self.path),
+        }
+
+
+def _loop(net, opt, encoded, plan, progress) -> tuple[list[dict], float, int]:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    step_fn = nn.value_and_grad(net, target_loss)
+    net.train()
+    log, seconds, tokens = [], 0.0, 0
+    for step, batch_ids in enumerate(plan, 1):
+        t0 = time.perf_counter()
+        batch = collate([encoded[i] for i in batch_ids])
+        loss, grads = step_fn(net, *batch)
+        opt.update(net, grads)
+        mx.eval(loss, net.trainable_parameters(), opt.state)
+        seconds += time.perf_counter() - t0
+        tokens += sum(len(encoded[i].ids) for i in batch_ids)
+        row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
+        log.append(row)
+        if progress:
+            progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+    return log, seconds, tokens
+
+
+def collate(items) -> tuple:
+    """(input ids [batch, width], rows, columns, labels): the positions whose next token is a
+    target token, so only those go through the output layer (Gemma's vocabulary is 262k)."""
+    import mlx.core as mx
+    import numpy as np
+
+    width = max(len(e.ids) for e in items)
+    ids = np.zeros((len(items), width), np.int32)
+    rows, cols, labels = [], [], []
+    for r, e in enumerate(items):
+        ids[r, :len(e.ids)] = e.ids
+        for pos in range(e.n_prompt, len(e.ids)):
+            rows.append(r), cols.append(pos - 1), labels.append(e.ids[pos])
+    return mx.array(ids), mx.array(rows), mx.array(cols), mx.array(labels)
+
+
+def target_loss(net, ids, rows, cols, labels):
+    """Mean cross-entropy of the target tokens (right padding: no real token attends a pad)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    hidden = net.model(ids)[rows, cols]
+    head = getattr(net, "lm_head", None)
+    logits = head(hidden) if head is not None else net.model.embed_tokens.as_linear(hidden)
+    cap = getattr(getattr(net, "args", None), "final_logit_softcapping", None)
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
+    return nn.losses.cross_entropy(logits.astype(mx.float32), labels).mean()
+
+
+def lora_keys(net, targets: Sequence[str]) -> list[str]:
+    """Module paths inside a layer whose last name is a target (`q_proj` -> `self_attn.q_proj`)."""
+    import mlx.nn as nn
+
+    found = [k for k, m in net.layers[0].named_modules()
+             if k.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    missing = set(targets) - {k.rsplit(".", 1)[-1] for k in found}
+    if missing:
+        raise KmmError(f"target modules not in the model: {', '.join(sorted(missing))}")
+    return sorted(found)
+
+
+def lora_arrays(weights: dict) -> dict:
+    """mlx-lm keeps lora_a [in, rank] and lora_b [rank, out]; the export wants A [rank, in] and
+    B [out, rank] under the HF module name. The scale (alpha / rank) is unchanged."""
+    import numpy as np
+
+    out = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_a"):
+            module = key.removesuffix(".lora_a")
+            b = weights[f"{module}.lora_b"]
+            out[module] = (np.array(a.T, np.float32), np.array(b.T, np.float32))
+    return out
+
+
+def _quantized(path: Path) -> bool:
+    return "quantization" in json.loads((Path(path) / "config.json").read_text())
