@@ -3,6 +3,7 @@ longest shared token prefix kept between prompts, so a few-shot prefix is evalua
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 def _quiet_llama(**kwargs):
     """Build a Llama while keeping llama.cpp's C-level log lines off the terminal."""
     from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
 
-    return Llama(verbose=False, **kwargs)
+    # verbose=False misses some lines (Gemma's "llama_kv_cache_iswa: using full-size SWA cache").
+    with suppress_stdout_stderr(disable=False):
+        return Llama(verbose=False, **kwargs)
 
 
 class LlamaCppGenerator:
@@ -49,11 +53,11 @@ class LlamaCppGenerator:
                 model_path=str(model.gguf_path), n_ctx=n_ctx, seed=seed,
                 n_threads=threads or max(1, (os.cpu_count() or 2)), n_batch=512,
                 n_gpu_layers=n_gpu_layers,
-                lora_path=str(adapter) if adapter else None, lora_scale=lora_scale,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            what = f"adapter {adapter} on {model.gguf_path}" if adapter else str(model.gguf_path)
-            raise KmmError(f"llama.cpp could not load {what} (corrupt file, or an adapter for another base): {exc}") from None
+            raise KmmError(f"llama.cpp could not load {model.gguf_path} (corrupt or truncated file?): {exc}") from None
+        if adapter is not None:
+            _apply_lora(self.llm, Path(adapter), lora_scale)
         self._eos = {self.llm.token_eos()}
         eot = getattr(self.llm, "_model", None)
         if eot is not None and hasattr(eot, "token_eot"):
@@ -113,6 +117,22 @@ class LlamaCppGenerator:
             if progress:
                 progress(1)
         return outputs
+
+
+def _apply_lora(llm, adapter: Path, scale: float) -> None:
+    """Load a GGUF LoRA onto the model. Not through Llama(lora_path=...): llama-cpp-python misses
+    the NULL that llama.cpp returns for a bad adapter (another base, not a LoRA, truncated) and
+    then segfaults."""
+    import llama_cpp
+
+    lora = llama_cpp.llama_adapter_lora_init(llm._model.model, str(adapter).encode("utf-8"))
+    if not lora:
+        raise KmmError(f"llama.cpp could not load the adapter {adapter}: not a LoRA adapter GGUF, "
+                       f"truncated, or made for another base model than {llm.model_path}")
+    llm._stack.callback(llama_cpp.llama_adapter_lora_free, lora)
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
+    if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+        raise KmmError(f"llama.cpp could not apply the adapter {adapter}")
 
 
 def _gpu_offload() -> bool:
