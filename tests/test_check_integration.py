@@ -217,3 +217,18 @@ def test_adapter_that_is_not_a_lora_is_one_clear_line(tmp_path):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "adapter" in lines[0], res.stderr
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_truncated_adapter_is_one_clear_line(tmp_path):
+    # a GGUF header (right magic) cut short: llama.cpp refuses it, and we must not crash
+    _need(STUDENT)
+    src = cards.resolve(STUDENT).gguf_path
+    p = tmp_path / "lora.gguf"
+    with open(src, "rb") as f:
+        p.write_bytes(f.read(4096))
+    res = run_kmm("check", STUDENT, "-n", "3", "--adapter", str(p), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "could not load the adapter" in lines[0] and "lora.gguf" in lines[0]
+    assert not (tmp_path / "out").exists()
