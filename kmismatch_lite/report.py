@@ -128,15 +128,16 @@ def chart(res: dict, path: Path) -> bool:
     except ImportError:
         return False
     conds = list(res["conditions"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     bottom = [0.0] * len(conds)
     for verdict, color in (("correct", "#2e7d32"), ("wrong", "#c62828"), ("abstained", "#9e9e9e")):
         vals = [res["conditions"][c][verdict] for c in conds]
         ax.bar(conds, vals, bottom=bottom, label=verdict, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("test questions")
-    ax.set_title(f"{res['student']} fine-tuned on self vs {res['teacher']} answers")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"student {res['student']}, teacher {res['teacher']}: {res['n_test']} test questions",
+                 fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

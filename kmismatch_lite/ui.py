@@ -6,6 +6,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from rich import box
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
@@ -34,10 +35,10 @@ def progress_bar(description: str, total: int, fields: str = "") -> Iterator:
         yield advance
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence], file=None) -> None:
-    t = Table(title=title, title_justify="left")
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
         t.add_row(*[str(x) for x in r])
     out.print(t)
@@ -52,7 +53,7 @@ def tally_rows(named: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-TALLY_COLUMNS = ["condition", "n", "correct", "wrong", "abstained", "halluc. rate", "precision", "exact match"]
+TALLY_COLUMNS = ["condition", "n", "correct", "wrong", "abstained", "halluc.", "precision", "exact"]
 
 
 def summary(message: str) -> None:
