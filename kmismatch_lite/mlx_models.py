@@ -107,6 +107,8 @@ def gguf_affine_weights(gguf_path: Path, config: dict) -> dict:
     packed blocks move whole)."""
     import mlx.core as mx
 
+    from kmismatch_lite.export_gguf import unpermute_rows
+
     raw = mx.load(str(gguf_path))
     out = {}
     for name, arr in raw.items():
@@ -116,7 +118,7 @@ def gguf_affine_weights(gguf_path: Path, config: dict) -> dict:
             continue
         if config.get("model_type") == "llama" and base.endswith(("attn_q", "attn_k")):
             heads = config["num_attention_heads"] if base.endswith("attn_q") else config["num_key_value_heads"]
-            arr = arr.reshape(heads, arr.shape[0] // heads // 2, 2, arr.shape[1]).swapaxes(1, 2).reshape(arr.shape)
+            arr = unpermute_rows(arr, heads)
         out[f"{path}.{leaf}"] = arr if leaf == "weight" else arr.astype(mx.float32)
     return out
 
@@ -204,3 +206,77 @@ def load(path: Path, adapter: Path | None = None):
         raise KmmError(f"no MLX model folder at {path}")
 
     return mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
+
+
+def quantized(path: Path) -> bool:
+    """Whether the MLX folder holds a quantized model (fine-tuning it is QLoRA)."""
+    return "quantization" in json.loads((Path(path) / "config.json").read_text())
+
+
+# LoRA pieces for the MLX trainer.
+
+def collate(items) -> tuple:
+    """(input ids [batch, width], rows, columns, labels): the positions whose next token is a
+    target token, so only those go through the output layer (Gemma's vocabulary is 262k)."""
+    import mlx.core as mx
+    import numpy as np
+
+    width = max(len(e.ids) for e in items)
+    ids = np.zeros((len(items), width), np.int32)
+    rows, cols, labels = [], [], []
+    for r, e in enumerate(items):
+        ids[r, :len(e.ids)] = e.ids
+        for pos in range(e.n_prompt, len(e.ids)):
+            rows.append(r), cols.append(pos - 1), labels.append(e.ids[pos])
+    return mx.array(ids), mx.array(rows), mx.array(cols), mx.array(labels)
+
+
+def output_head(net, hidden):
+    """Logits from final hidden states, as the model's own `__call__` would compute them."""
+    import mlx.core as mx
+
+    head = getattr(net, "lm_head", None)
+    logits = head(hidden) if head is not None else net.model.embed_tokens.as_linear(hidden)
+    cap = getattr(getattr(net, "args", None), "final_logit_softcapping", None)
+    return mx.tanh(logits / cap) * cap if cap else logits
+
+
+def last_logits(net, ids, cache):
+    """Logits of the next token after `ids` [1, n]: the output layer runs on the last position
+    only (with Gemma's 262k vocabulary it costs more than the transformer)."""
+    return output_head(net, net.model(ids, cache=cache)[0, -1])
+
+
+def target_loss(net, ids, rows, cols, labels):
+    """Mean cross-entropy of the target tokens (right padding: no real token attends a pad)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = output_head(net, net.model(ids)[rows, cols])
+    return nn.losses.cross_entropy(logits.astype(mx.float32), labels).mean()
+
+
+def lora_keys(net, targets: Sequence[str]) -> list[str]:
+    """Module paths inside a layer whose last name is a target (`q_proj` -> `self_attn.q_proj`)."""
+    import mlx.nn as nn
+
+    found = [k for k, m in net.layers[0].named_modules()
+             if k.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    missing = set(targets) - {k.rsplit(".", 1)[-1] for k in found}
+    if missing:
+        raise KmmError(f"target modules not in the model: {', '.join(sorted(missing))}")
+    return sorted(found)
+
+
+def lora_arrays(weights: dict) -> dict:
+    """mlx-lm keeps lora_a [in, rank] and lora_b [rank, out]; the export wants A [rank, in] and
+    B [out, rank] under the HF module name. The scale (alpha / rank) is unchanged."""
+    import numpy as np
+
+    out = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_a"):
+            module = key.removesuffix(".lora_a")
+            b = weights[f"{module}.lora_b"]
+            out[module] = (np.array(a.T, np.float32), np.array(b.T, np.float32))
+    return out

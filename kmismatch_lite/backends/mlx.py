@@ -74,7 +74,7 @@ class MlxGenerator:
         if not self._cache or (drop and kv.trim_prompt_cache(self._cache, drop) != drop):
             self._cache, keep = kv.make_prompt_cache(self.net), 0
         self._cached = list(tokens)
-        return self.net(mx.array(tokens[keep:])[None], cache=self._cache)[0, -1]
+        return mlx_models.last_logits(self.net, mx.array(tokens[keep:])[None], self._cache)
 
     def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         import mlx.core as mx
@@ -92,7 +92,7 @@ class MlxGenerator:
             if any(s in text for s in stop) or len(out) == max_tokens:
                 break
             self._cached.append(tok)
-            logits = self.net(mx.array([[tok]]), cache=self._cache)[0, -1]
+            logits = mlx_models.last_logits(self.net, mx.array([[tok]]), self._cache)
         for s in stop:
             text = text.split(s, 1)[0]
         return text.strip()
@@ -140,7 +140,7 @@ class MlxTrainer:
         encoded, cut = lora_data.encode(tokenizer._tokenizer, examples, s.max_length)
         net.freeze()
         config = {"rank": s.rank, "scale": s.alpha / s.rank, "dropout": s.dropout,
-                  "keys": lora_keys(net, s.target_modules)}
+                  "keys": mlx_models.lora_keys(net, s.target_modules)}
         linear_to_lora_layers(net, len(net.layers), config)
         lengths = [len(e.ids) for e in encoded]
         plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
@@ -154,9 +154,9 @@ class MlxTrainer:
             {"fine_tune_type": "lora", "num_layers": len(net.layers), "lora_parameters": config,
              "model": str(self.path), "kmm_settings": vars(s)}, indent=2) + "\n")
         return {
-            "lora": lora_arrays(weights), "log": log, "steps": len(plan), "final_loss": log[-1]["loss"],
+            "lora": mlx_models.lora_arrays(weights), "log": log, "steps": len(plan), "final_loss": log[-1]["loss"],
             "tokens": tokens, "train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
-            "truncated_prompts": cut, "mlx_model": str(self.path), "quantized_base": _quantized(self.path),
+            "truncated_prompts": cut, "mlx_model": str(self.path), "quantized_base": mlx_models.quantized(self.path),
         }
 
 
@@ -164,12 +164,12 @@ def _loop(net, opt, encoded, plan, progress) -> tuple[list[dict], float, int]:
     import mlx.core as mx
     import mlx.nn as nn
 
-    step_fn = nn.value_and_grad(net, target_loss)
+    step_fn = nn.value_and_grad(net, mlx_models.target_loss)
     net.train()
     log, seconds, tokens = [], 0.0, 0
     for step, batch_ids in enumerate(plan, 1):
         t0 = time.perf_counter()
-        batch = collate([encoded[i] for i in batch_ids])
+        batch = mlx_models.collate([encoded[i] for i in batch_ids])
         loss, grads = step_fn(net, *batch)
         opt.update(net, grads)
         mx.eval(loss, net.trainable_parameters(), opt.state)
@@ -180,63 +180,3 @@ def _loop(net, opt, encoded, plan, progress) -> tuple[list[dict], float, int]:
         if progress:
             progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
     return log, seconds, tokens
-
-
-def collate(items) -> tuple:
-    """(input ids [batch, width], rows, columns, labels): the positions whose next token is a
-    target token, so only those go through the output layer (Gemma's vocabulary is 262k)."""
-    import mlx.core as mx
-    import numpy as np
-
-    width = max(len(e.ids) for e in items)
-    ids = np.zeros((len(items), width), np.int32)
-    rows, cols, labels = [], [], []
-    for r, e in enumerate(items):
-        ids[r, :len(e.ids)] = e.ids
-        for pos in range(e.n_prompt, len(e.ids)):
-            rows.append(r), cols.append(pos - 1), labels.append(e.ids[pos])
-    return mx.array(ids), mx.array(rows), mx.array(cols), mx.array(labels)
-
-
-def target_loss(net, ids, rows, cols, labels):
-    """Mean cross-entropy of the target tokens (right padding: no real token attends a pad)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    hidden = net.model(ids)[rows, cols]
-    head = getattr(net, "lm_head", None)
-    logits = head(hidden) if head is not None else net.model.embed_tokens.as_linear(hidden)
-    cap = getattr(getattr(net, "args", None), "final_logit_softcapping", None)
-    if cap:
-        logits = mx.tanh(logits / cap) * cap
-    return nn.losses.cross_entropy(logits.astype(mx.float32), labels).mean()
-
-
-def lora_keys(net, targets: Sequence[str]) -> list[str]:
-    """Module paths inside a layer whose last name is a target (`q_proj` -> `self_attn.q_proj`)."""
-    import mlx.nn as nn
-
-    found = [k for k, m in net.layers[0].named_modules()
-             if k.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    missing = set(targets) - {k.rsplit(".", 1)[-1] for k in found}
-    if missing:
-        raise KmmError(f"target modules not in the model: {', '.join(sorted(missing))}")
-    return sorted(found)
-
-
-def lora_arrays(weights: dict) -> dict:
-    """mlx-lm keeps lora_a [in, rank] and lora_b [rank, out]; the export wants A [rank, in] and
-    B [out, rank] under the HF module name. The scale (alpha / rank) is unchanged."""
-    import numpy as np
-
-    out = {}
-    for key, a in weights.items():
-        if key.endswith(".lora_a"):
-            module = key.removesuffix(".lora_a")
-            b = weights[f"{module}.lora_b"]
-            out[module] = (np.array(a.T, np.float32), np.array(b.T, np.float32))
-    return out
-
-
-def _quantized(path: Path) -> bool:
-    return "quantization" in json.loads((Path(path) / "config.json").read_text())
