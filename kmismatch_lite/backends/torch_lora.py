@@ -1,0 +1,105 @@
+"""LoRA on the CPU with transformers + peft, starting from the student's own GGUF weights
+(dequantized by `hf_from_gguf`), so the adapter fits the base llama.cpp evaluates."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kmismatch_lite.cards import Model
+from kmismatch_lite.errors import missing_extra
+
+# GNU OpenMP threads spin while waiting; on a laptop busy with other work (llama.cpp, a browser)
+# that made each training step ten times slower here. Sleeping waiters cost little when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+except ImportError:
+    raise missing_extra("torch, transformers and peft", "torch") from None
+
+from kmismatch_lite import lora_data
+from kmismatch_lite.hf_from_gguf import hf_folder
+
+
+def load_base(model: Model):
+    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder = hf_folder(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return lm, tokenizer
+
+
+class TorchTrainer:
+    """Fits a LoRA with AdamW on length-bucketed batches; the loss covers the target tokens only."""
+
+    name = "torch"
+
+    def __init__(self, model: Model, settings):
+        self.model, self.settings = model, settings
+
+    def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:
+        s = self.settings
+        lm, tokenizer = load_base(self.model)
+        encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
+        torch.manual_seed(s.seed)
+        config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                 target_modules=list(s.target_modules), task_type="CAUSAL_LM")
+        model = peft.get_peft_model(lm, config)
+        lengths = [len(e.ids) for e in encoded]
+        plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
+        log, seconds, tokens = self._loop(model, encoded, plan, tokenizer.pad_token_id or 0, progress)
+        model.save_pretrained(Path(out_dir) / "adapter")
+        return {
+            "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
+            "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
+            "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
+        }
+
+    def _loop(self, model, encoded, plan, pad_id: int, progress) -> tuple[list[dict], float, int]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=0.0)
+        causal_lm = model.get_base_model()
+        model.train()
+        log, seconds, tokens = [], 0.0, 0
+        for step, batch_ids in enumerate(plan, 1):
+            t0 = time.perf_counter()
+            batch = lora_data.collate([encoded[i] for i in batch_ids], pad_id)
+            loss = lora_data.target_loss(causal_lm, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            tokens += int(batch["attention_mask"].sum())
+            row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
+            log.append(row)
+            if progress:
+                progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+        return log, seconds, tokens
+
+
+def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *, max_tokens: int) -> list[str]:
+    """Greedy answers of the torch model (with the peft adapter in `adapter_dir`, if given),
+    cut at the first newline, as llama.cpp's generator does."""
+    from kmismatch_lite.prompts import clean_output
+
+    lm, tokenizer = load_base(model)
+    if adapter_dir is not None:
+        lm = peft.PeftModel.from_pretrained(lm, str(adapter_dir))
+    lm.eval()
+    vocab = tokenizer.get_vocab()
+    stop = [tokenizer.eos_token_id] + [vocab[t] for t in ("<end_of_turn>", "<|eot_id|>") if t in vocab]
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+            outputs.append(clean_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    return outputs

@@ -1,0 +1,245 @@
+"""Protocol step 5: LoRA fine-tuning of the student on `question -> target` pairs.
+
+`finetune()` trains with a registered trainer backend, writes `DIR/adapter/` (peft format),
+`DIR/adapter.gguf` (a llama.cpp adapter for the student's GGUF) and `DIR/train_log.jsonl`, and can
+check that llama.cpp with the adapter answers as the trained model does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence, get_type_hints
+
+from kmismatch_lite import cards
+from kmismatch_lite.backends import trainer_class
+from kmismatch_lite.errors import KmmError
+from kmismatch_lite.io import write_json, write_jsonl
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; the defaults suit the 135M student on a CPU."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    learning_rate: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 8
+    max_length: int = 64
+    seed: int = 0
+
+    @classmethod
+    def types(cls) -> dict[str, type]:
+        """Each setting's type, for `-o key=value` parsing."""
+        hints = get_type_hints(cls)
+        return {f.name: getattr(hints[f.name], "__origin__", hints[f.name]) for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSettings":
+        """Settings from a dict; an unknown key or a value of the wrong type is a KmmError."""
+        known = cls.types()
+        for key, value in d.items():
+            if key not in known:
+                raise KmmError(f"unknown fine-tune setting '{key}' (known: {', '.join(known)})")
+            _check_type(key, value, known[key])
+        settings = cls(**{k: (float(v) if known[k] is float else v) for k, v in d.items()})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        bad = [("rank", self.rank >= 1), ("alpha", self.alpha > 0), ("dropout", 0 <= self.dropout < 1),
+               ("learning_rate", self.learning_rate > 0), ("epochs", self.epochs >= 1),
+               ("batch_size", self.batch_size >= 1), ("max_length", self.max_length >= 8),
+               ("target_modules", bool(self.target_modules))]
+        for key, ok in bad:
+            if not ok:
+                raise KmmError(f"fine-tune setting '{key}' is out of range: {getattr(self, key)!r}")
+
+
+def _check_type(key: str, value: Any, kind: type) -> None:
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        want = "a list of module names" if kind is list else kind.__name__
+        raise KmmError(f"fine-tune setting '{key}' must be {want}, not {value!r}")
+
+
+@dataclass
+class FinetuneResult:
+    """Where the outputs are and how the training went."""
+
+    adapter_dir: Path
+    adapter_gguf: Path
+    train_log: Path
+    steps: int
+    final_loss: float
+    tokens_per_second: float
+    seconds: float
+    verify: dict | None
+
+
+def read_examples(path: Path) -> list[dict]:
+    """JSONL rows `{"question": ..., "target": ...}` (other keys kept); one error lists every bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KmmError(f"data file not found: {path}")
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if _is_example(row):
+                rows.append(row)
+            else:
+                bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise KmmError(f"{path}: line(s) {shown} are not JSON objects with non-empty string 'question' and 'target'")
+    if not rows:
+        raise KmmError(f"{path}: no examples (empty file)")
+    return rows
+
+
+def _is_example(row: Any) -> bool:
+    return isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in ("question", "target"))
+
+
+def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backend: str = "torch",
+             settings: LoraSettings | dict | None = None, verify: bool = False,
+             progress_factory: Callable | None = None) -> FinetuneResult:
+    """Fit a LoRA on the student and write adapter/, adapter.gguf and train_log.jsonl into `out_dir`.
+
+    Everything is built in a temporary folder inside `out_dir` and moved into place only at the
+    end, so a failure leaves no half-written output. `progress_factory(description, total)` is a
+    context manager yielding `advance(n=1, **info)`.
+    """
+    settings = _settings(settings)
+    if not isinstance(examples, list):
+        examples = read_examples(Path(examples))
+    elif not examples or not all(_is_example(e) for e in examples):
+        raise KmmError("examples must be a non-empty list of {'question': str, 'target': str}")
+    model = cards.resolve(student)
+    if model.gguf_path is None:
+        raise KmmError(f"model '{student}' is served over HTTP; fine-tuning needs its GGUF file")
+    trainer = trainer_class(backend)(model, settings)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".finetune.", dir=out_dir))
+    try:
+        result = _run(trainer, model, examples, settings, tmp, progress_factory)
+        result.verify = verify_adapter(model, examples, tmp / "adapter", tmp / "adapter.gguf") if verify else None
+        if result.verify is not None:
+            write_json(tmp / "verify.json", result.verify)
+        _move_outputs(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.adapter_dir, result.adapter_gguf = out_dir / "adapter", out_dir / "adapter.gguf"
+    result.train_log = out_dir / "train_log.jsonl"
+    return result
+
+
+def _settings(settings: LoraSettings | dict | None) -> LoraSettings:
+    if settings is None:
+        return LoraSettings()
+    if isinstance(settings, dict):
+        return LoraSettings.from_dict(settings)
+    settings.validate()
+    return settings
+
+
+def _run(trainer, model: cards.Model, examples: list[dict], settings: LoraSettings, tmp: Path,
+         progress_factory: Callable | None) -> FinetuneResult:
+    from kmismatch_lite.export_gguf import export_lora_gguf
+    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.lora_data import n_batches
+
+    total = settings.epochs * n_batches(len(examples), settings.batch_size)
+    t0 = time.perf_counter()
+    if progress_factory:
+        with progress_factory(f"fine-tuning {model.name} ({trainer.name})", total) as advance:
+            out = trainer.train(examples, tmp, progress=advance)
+    else:
+        out = trainer.train(examples, tmp)
+    seconds = time.perf_counter() - t0
+    export_lora_gguf(out["lora"], alpha=settings.alpha, base=model, out_path=tmp / "adapter.gguf")
+    write_jsonl(tmp / "train_log.jsonl", out["log"])
+    info = {"student": model.name, "base_gguf": str(model.gguf_path), "base_sha256": gguf_sha256(model.gguf_path),
+            "backend": trainer.name, "settings": asdict(settings), "examples": len(examples),
+            **{k: v for k, v in out.items() if k not in ("lora", "log")}}
+    write_json(tmp / "adapter" / "kmm_finetune.json", info)
+    return FinetuneResult(tmp / "adapter", tmp / "adapter.gguf", tmp / "train_log.jsonl", out["steps"],
+                          out["final_loss"], out["tokens_per_second"], round(seconds, 3), None)
+
+
+def _move_outputs(tmp: Path, out_dir: Path) -> None:
+    names = ["train_log.jsonl", "verify.json", "adapter", "adapter.gguf"]
+    for name in names:
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if (tmp / name).exists():
+            os.replace(tmp / name, target)
+        elif target.exists():
+            target.unlink()  # a verify.json from an earlier run would describe another adapter
+
+
+def verify_prompts(examples: Sequence[dict], n_other: int = 16) -> tuple[list[str], list[str]]:
+    """The trained questions and some held-out ones (built-in geonames test questions)."""
+    from kmismatch_lite import data
+
+    trained = list(dict.fromkeys(e["question"] for e in examples))
+    seen = set(trained)
+    others = [q.question for q in data.load("geonames").test if q.question not in seen][:n_other]
+    return trained, others
+
+
+def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Path, adapter_gguf: Path) -> dict:
+    """Agreement of greedy answers: llama.cpp + GGUF adapter vs torch + peft adapter, and vs the base."""
+    from kmismatch_lite import prompts
+    from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
+    from kmismatch_lite.backends.torch_lora import greedy_answers
+
+    trained, others = verify_prompts(examples)
+    rendered = [prompts.zero_shot(q) for q in trained + others]
+    answers = {}
+    for name, adapter in (("llamacpp_adapter", adapter_gguf), ("llamacpp_base", None)):
+        gen = LlamaCppGenerator(model, adapter=adapter)
+        try:
+            answers[name] = gen.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
+        finally:
+            gen.close()
+    answers["torch_adapter"] = greedy_answers(model, adapter_dir, rendered, max_tokens=prompts.MAX_TOKENS)
+    targets = {e["question"]: e["target"] for e in examples}
+    n = len(trained)
+    ad, ta, base = answers["llamacpp_adapter"], answers["torch_adapter"], answers["llamacpp_base"]
+    return {
+        "prompts": len(rendered), "trained": n, "others": len(others),
+        "adapter_vs_torch": _agree(ad, ta), "adapter_vs_torch_trained": _agree(ad[:n], ta[:n]),
+        "adapter_vs_torch_others": _agree(ad[n:], ta[n:]),
+        "adapter_vs_base": _agree(ad, base), "adapter_vs_base_trained": _agree(ad[:n], base[:n]),
+        "adapter_gives_target": _agree(ad[:n], [prompts.clean_output(targets[q]) for q in trained]),
+        "samples": [{"question": q, "trained": i < n, **{k: v[i] for k, v in answers.items()}}
+                    for i, q in enumerate(trained + others)],
+    }
+
+
+def _agree(a: Sequence[str], b: Sequence[str]) -> float | None:
+    return round(sum(x == y for x, y in zip(a, b)) / len(a), 4) if a else None

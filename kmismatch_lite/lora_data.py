@@ -1,0 +1,125 @@
+"""Fine-tuning data shared by the torch-family trainers: tokenising `question -> target` pairs the
+way llama.cpp sees them, batching with little padding, the loss on the answer tokens only, and the
+trained LoRA as numpy arrays for the GGUF export."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from kmismatch_lite import prompts
+from kmismatch_lite.errors import KmmError
+
+IGNORE = -100
+CHUNK_BATCHES = 16  # batches per length-sorted chunk: enough to group similar lengths, still shuffled
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One training sequence: prompt then target tokens; the loss covers `ids[n_prompt:]`."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+
+
+def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[list[Encoded], int]:
+    """Token ids of `zero_shot(question) + target_text(target)` and how many prompts were cut.
+
+    The prompt is tokenised alone with the tokenizer's special tokens (a BOS only where the model
+    adds one, as llama.cpp does), the target alone without them, so training sees the prompt tokens
+    llama.cpp will see. A prompt too long for `max_length` loses its start (after any BOS).
+    """
+    out, cut = [], 0
+    for i, ex in enumerate(examples):
+        prompt = tokenizer(prompts.zero_shot(ex["question"]))["input_ids"]
+        target = tokenizer(prompts.target_text(ex["target"]), add_special_tokens=False)["input_ids"]
+        room = max_length - len(target)
+        if room < 2:
+            raise KmmError(f"example {i + 1}: the target alone has {len(target)} tokens; raise max_length (now {max_length})")
+        if len(prompt) > room:
+            keep = 1 if prompt[0] == tokenizer.bos_token_id else 0
+            prompt = prompt[:keep] + prompt[len(prompt) - (room - keep):]
+            cut += 1
+        out.append(Encoded(tuple(prompt) + tuple(target), len(prompt)))
+    return out, cut
+
+
+def n_batches(n_examples: int, batch_size: int) -> int:
+    return -(-n_examples // batch_size)
+
+
+def batch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Example indices per step: each epoch shuffled with the seed, sorted by length within chunks
+    of CHUNK_BATCHES batches (so a batch pads little), then the batches shuffled again.
+    `epochs * ceil(n / batch_size)` steps; the same seed gives the same plan."""
+    rng = random.Random(seed)
+    chunk = batch_size * CHUNK_BATCHES
+    plan: list[list[int]] = []
+    for _ in range(epochs):
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+            batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        rng.shuffle(batches)
+        plan += batches
+    return plan
+
+
+def collate(items: Sequence[Encoded], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
+    """Right-padded `input_ids` and `labels` (IGNORE on prompt and padding) as torch tensors.
+
+    Padding only at the end lets the model run with a plain causal mask: no real token attends a pad.
+    """
+    import torch
+
+    width = pad_to or max(len(e.ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        ids[row, :len(e.ids)] = torch.tensor(e.ids)
+        labels[row, e.n_prompt:len(e.ids)] = torch.tensor(e.ids[e.n_prompt:])
+        mask[row, :len(e.ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def target_loss(causal_lm, batch: dict[str, Any]):
+    """Mean cross-entropy over the target tokens of the batch.
+
+    Only the target positions go through the output layer: with Gemma's 262k-word vocabulary the
+    full logits would cost more than the rest of the model.
+    """
+    import torch.nn.functional as F
+
+    hidden = causal_lm.model(input_ids=batch["input_ids"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    logits = causal_lm.lm_head(hidden[:, :-1][keep])
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def padding_waste(plan: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of the token slots in the planned batches that are padding."""
+    real = sum(lengths[i] for batch in plan for i in batch)
+    slots = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
+    return 1 - real / slots if slots else 0.0
+
+
+def lora_arrays(peft_model, adapter: str = "default") -> dict[str, tuple[Any, Any]]:
+    """{HF module name: (A [rank, in], B [out, rank])} as float32 numpy arrays from a peft model."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if lora_a is None or adapter not in lora_a:
+            continue
+        name = name.removeprefix("base_model.model.")
+        a = lora_a[adapter].weight.detach().float().cpu().numpy()
+        b = lora_b[adapter].weight.detach().float().cpu().numpy()
+        out[name] = (a, b)
+    return out
