@@ -137,3 +137,51 @@ def test_mlx_adapter_in_llamacpp_changes_answers_as_mlx_does(student, mlx_finetu
     faithful = sum(a == b for a, b in zip(answers["adapter"], answers["mlx"]))
     assert changed >= 6, answers
     assert faithful >= 6, answers
+
+
+def test_lora_arrays_are_in_the_export_layout():
+    import mlx.core as mx
+    import numpy as np
+
+    from kmismatch_lite.mlx_models import lora_arrays
+
+    a, b = mx.random.normal((576, 8)), mx.random.normal((8, 192))  # mlx-lm: [in, rank], [rank, out]
+    out = lora_arrays({"model.layers.0.self_attn.k_proj.lora_a": a, "model.layers.0.self_attn.k_proj.lora_b": b})
+    A, B = out["model.layers.0.self_attn.k_proj"]
+    assert A.shape == (8, 576) and B.shape == (192, 8)
+    x = mx.random.normal((3, 576))
+    assert np.allclose(np.array(x) @ (B @ A).T, np.array((x @ a) @ b), atol=1e-3)  # peft: W + B A
+
+
+def test_transformers5_rope_parameters_become_mlx_lm_keys():
+    from kmismatch_lite.mlx_models import mlx_config_overrides
+
+    llama = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+             "quantization_config": {"quant_method": "gguf"}}
+    assert mlx_config_overrides(llama) == {"quantization_config": None, "rope_theta": 100000.0}
+    gemma = {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                                 "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}}
+    assert mlx_config_overrides(gemma) == {"rope_theta": 1e6, "rope_local_base_freq": 1e4}
+    assert mlx_config_overrides({"rope_theta": 5.0}) == {}
+
+
+def test_missing_mlx_names_the_extra(monkeypatch):
+    import sys
+
+    from kmismatch_lite.errors import KmmError
+    from kmismatch_lite.mlx_models import require_mlx
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    with pytest.raises(KmmError, match=r"kmismatch_lite\[mlx\]"):
+        require_mlx()
+
+
+def test_a_peft_adapter_is_refused_with_a_clear_error(tmp_path):
+    from kmismatch_lite.backends.mlx import adapter_folder
+    from kmismatch_lite.errors import KmmError
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(KmmError, match="mlx-lm adapter folder"):
+        adapter_folder(tmp_path / "adapter.gguf")

@@ -55,7 +55,8 @@ class MlxGenerator:
         import mlx_lm
 
         return {"backend": self.name, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-                "device": str(mx.default_device()), "model": str(self.path),
+                "device": str(mx.default_device()), "model": str(self.path), "source": self.source,
+                "quantized": mlx_models.quantized(self.path),
                 "adapter": str(self.adapter) if self.adapter else None}
 
     def close(self) -> None:
