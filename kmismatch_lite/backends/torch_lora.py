@@ -46,42 +46,55 @@ class TorchTrainer:
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:
         s = self.settings
         lm, tokenizer = load_base(self.model)
-        encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
         torch.manual_seed(s.seed)
         config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
                                  target_modules=list(s.target_modules), task_type="CAUSAL_LM")
-        model = peft.get_peft_model(lm, config)
-        lengths = [len(e.ids) for e in encoded]
-        plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
-        log, seconds, tokens = self._loop(model, encoded, plan, tokenizer.pad_token_id or 0, progress)
-        model.save_pretrained(Path(out_dir) / "adapter")
-        return {
-            "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
-            "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
-            "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
-        }
+        return fit(peft.get_peft_model(lm, config), tokenizer, examples, s, Path(out_dir), progress=progress)
 
-    def _loop(self, model, encoded, plan, pad_id: int, progress) -> tuple[list[dict], float, int]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=0.0)
-        causal_lm = model.get_base_model()
-        model.train()
-        log, seconds, tokens = [], 0.0, 0
-        for step, batch_ids in enumerate(plan, 1):
-            t0 = time.perf_counter()
-            batch = lora_data.collate([encoded[i] for i in batch_ids], pad_id)
-            loss = lora_data.target_loss(causal_lm, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            seconds += time.perf_counter() - t0
-            tokens += int(batch["attention_mask"].sum())
-            row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
-            log.append(row)
-            if progress:
-                progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        return log, seconds, tokens
+
+def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, progress=None,
+        device: str = "cpu") -> dict[str, Any]:
+    """Train a peft model (LoRA attached) on the examples and save it to `out_dir/adapter`.
+
+    Shared by every torch-family trainer (torch on the CPU, unsloth on a GPU): only the loading
+    differs between them.
+    """
+    s = settings
+    encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
+    lengths = [len(e.ids) for e in encoded]
+    plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
+    log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
+                                 progress, device)
+    model.save_pretrained(Path(out_dir) / "adapter")
+    return {
+        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
+        "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
+        "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
+    }
+
+
+def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
+          device: str) -> tuple[list[dict], float, int]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    causal_lm = model.get_base_model()
+    model.train()
+    log, seconds, tokens = [], 0.0, 0
+    for step, batch_ids in enumerate(plan, 1):
+        t0 = time.perf_counter()
+        batch = {k: v.to(device) for k, v in lora_data.collate([encoded[i] for i in batch_ids], pad_id).items()}
+        loss = lora_data.target_loss(causal_lm, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - t0
+        tokens += int(batch["attention_mask"].sum())
+        row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
+        log.append(row)
+        if progress:
+            progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+    return log, seconds, tokens
 
 
 def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *, max_tokens: int) -> list[str]:
