@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.finetune import LoraSettings
 from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = ROOT / "recipes"
 
-_LORA = {"rank": int, "alpha": float, "dropout": float, "target_modules": list,
-         "learning_rate": float, "epochs": int, "batch_size": int, "max_length": int, "seed": int}
+_LORA = LoraSettings.types()
 SCHEMA: dict[str, Any] = {
     "name": str,
     "description": str,
@@ -126,6 +126,7 @@ def validate(recipe: dict, path: Path) -> None:
         if recipe[stage]["backend"] not in registry:
             raise KmmError(f"{path}: {stage}.backend: unknown backend '{recipe[stage]['backend']}' "
                            f"(choose from {', '.join(registry)})")
+    LoraSettings.from_dict(recipe["finetune"]["lora"])
     d = recipe["data"]
     if d["train"] < 0 or d["test"] < 0 or not 0 < d["test_frac"] < 1 or d["shots"] < 0:
         raise KmmError(f"{path}: data sizes must be >= 0 and 0 < test_frac < 1")
