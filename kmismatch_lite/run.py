@@ -154,6 +154,11 @@ def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, prog
 
     def answers_stage(role: str, questions: list[Question], template, adapter: Path | None,
                       backend: str, options: dict, label: str):
+        if models[role].served:
+            # Outside the stage's temporary folder, so answers survive an interruption.
+            name = "-".join(label.replace("(", "").replace(")", "").split())
+            options = {"cache": str(out / "cache" / f"{name}.jsonl"), **options}
+
         def work(tmp: Path) -> None:
             res = check.evaluate(models[role], questions, template, backend=backend, adapter=adapter,
                                  seed=seed, options=options, progress_factory=progress_factory,
@@ -209,6 +214,12 @@ def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, prog
                           e["options"], f"{cond} (test)"))
         evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
 
+    served = {role: json.loads((out / "generate" / role / "metrics.json").read_text())["backend"].get("server_model_id")
+              for role, m in models.items() if m.served}
+    if served:
+        man = json.loads((out / "manifest.json").read_text())
+        man["served_model_ids"] = served
+        write_json(out / "manifest.json", man)
     set_stats = json.loads((sets_dir / "stats.json").read_text())
     results = report.results(recipe, evaluated, set_stats, models)
     report.write(out, results, {c: s for c, (s, _) in evaluated.items()})
