@@ -102,6 +102,36 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
                f"({m['questions_per_second']:.1f} q/s){where}")
 
 
+@cli.command("finetune")
+@click.argument("student")
+@click.option("--data", "data_file", required=True, type=click.Path(path_type=Path),
+              help='JSONL rows {"question": ..., "target": ...}.')
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder: adapter/, adapter.gguf, train_log.jsonl.")
+@click.option("--backend", "-b", default="torch", show_default=True, help="Fine-tune backend.")
+@click.option("-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="LoRA setting, e.g. -o rank=16 -o epochs=3 (repeatable).")
+@click.option("--verify", is_flag=True, help="Check llama.cpp + adapter.gguf against the trained model.")
+def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
+    """Fine-tune a LoRA on STUDENT (a card name or .gguf path) and export it for llama.cpp."""
+    from kmismatch_lite import finetune as ft, ui
+    from kmismatch_lite.backends import parse_options
+
+    settings = ft.LoraSettings.from_dict(parse_options(options, ft.LoraSettings.types(), "finetune"))
+    examples = ft.read_examples(data_file)
+    res = ft.finetune(student, examples, out, backend=backend, settings=settings, verify=verify,
+                      progress_factory=ui.progress_bar)
+    rows = [["examples", len(examples)], ["steps", res.steps], ["final loss", f"{res.final_loss:.4f}"],
+            ["tokens/s", f"{res.tokens_per_second:.0f}"], ["adapter", res.adapter_dir], ["adapter.gguf", res.adapter_gguf]]
+    if res.verify:
+        v = res.verify
+        rows += [["llama.cpp+adapter = torch+LoRA", f"{v['adapter_vs_torch']:.1%} of {v['prompts']}"],
+                 ["llama.cpp+adapter = base (trained)", f"{v['adapter_vs_base_trained']:.1%} of {v['trained']}"]]
+    ui.table(f"kmm finetune {student} ({backend})", ["", "value"], rows)
+    ui.summary(f"fine-tuned {student} ({backend}) on {len(examples)} examples: {res.steps} steps in "
+               f"{res.seconds:.0f}s ({res.tokens_per_second:.0f} tokens/s), outputs in {out}")
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

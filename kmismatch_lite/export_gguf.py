@@ -89,7 +89,7 @@ def check_adapter(adapter: Path, base: Model) -> None:
     """Refuse an adapter made for another base: a different architecture or base file hash."""
     from kmismatch_lite.hf_from_gguf import gguf_sha256
 
-    check_gguf(adapter)
+    check_gguf(adapter, "adapter")
     meta = read_metadata(adapter)
     if meta.get("general.type") != "adapter":
         raise KmmError(f"{adapter} is not a LoRA adapter (general.type is {meta.get('general.type')!r})")
@@ -109,6 +109,13 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The scalar and string key/values of a GGUF header (arrays skipped), without the gguf library."""
+    try:
+        return _read_header(path)
+    except (struct.error, OverflowError, MemoryError):
+        raise KmmError(f"{path}: truncated or corrupt GGUF header") from None
+
+
+def _read_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise KmmError(f"{path} is not a GGUF file")

@@ -141,6 +141,7 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
         raise KmmError(f"model '{student}' is served over HTTP; fine-tuning needs its GGUF file")
     trainer = trainer_class(backend)(model, settings)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".finetune.", dir=out_dir))
     try:
@@ -151,6 +152,8 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
         _move_outputs(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
     result.adapter_dir, result.adapter_gguf = out_dir / "adapter", out_dir / "adapter.gguf"
     result.train_log = out_dir / "train_log.jsonl"
     return result
@@ -207,7 +210,12 @@ def verify_prompts(examples: Sequence[dict], n_other: int = 16) -> tuple[list[st
 
     trained = list(dict.fromkeys(e["question"] for e in examples))
     seen = set(trained)
-    others = [q.question for q in data.load("geonames").test if q.question not in seen][:n_other]
+    by_relation: dict[str, list[str]] = {}
+    for q in data.load("geonames").test:
+        if q.question not in seen:
+            by_relation.setdefault(q.relation or "", []).append(q.question)
+    # Round-robin over relations, so the held-out prompts are not all one kind of question.
+    others = [q for group in zip(*by_relation.values()) for q in group][:n_other]
     return trained, others
 
 

@@ -40,7 +40,10 @@ class LlamaCppGenerator:
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
                  lora_scale: float = 1.0):
         if adapter is not None:
+            from kmismatch_lite.export_gguf import check_adapter
+
             check_gguf(Path(adapter), "adapter")
+            check_adapter(Path(adapter), model)  # llama.cpp accepts an adapter made for another base file
         try:
             import llama_cpp  # noqa: F401
         except ImportError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:
     import peft
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 except ImportError:
     raise missing_extra("torch, transformers and peft", "torch") from None
@@ -29,6 +31,7 @@ from kmismatch_lite.hf_from_gguf import hf_folder
 def load_base(model: Model):
     """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use."""
     torch.set_num_threads(os.cpu_count() or 1)
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the only one on stderr
     folder = hf_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
