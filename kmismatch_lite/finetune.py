@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence, get_type_hints
@@ -176,11 +177,16 @@ def _run(trainer, model: cards.Model, examples: list[dict], settings: LoraSettin
 
     total = settings.epochs * n_batches(len(examples), settings.batch_size)
     t0 = time.perf_counter()
-    if progress_factory:
-        with progress_factory(f"fine-tuning {model.name} ({trainer.name})", total) as advance:
-            out = trainer.train(examples, tmp, progress=advance)
-    else:
-        out = trainer.train(examples, tmp)
+    with ExitStack() as stack:
+        bar: list[Callable] = []
+
+        def progress(n: int = 1, **info) -> None:
+            # The bar opens at the first step: an error while loading leaves no half-drawn bar.
+            if not bar:
+                bar.append(stack.enter_context(progress_factory(f"fine-tuning {model.name} ({trainer.name})", total)))
+            bar[0](n, **info)
+
+        out = trainer.train(examples, tmp, progress=progress if progress_factory else None)
     seconds = time.perf_counter() - t0
     export_lora_gguf(out["lora"], alpha=settings.alpha, base=model, out_path=tmp / "adapter.gguf")
     write_jsonl(tmp / "train_log.jsonl", out["log"])

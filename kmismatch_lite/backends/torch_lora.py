@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,7 +53,17 @@ class TorchTrainer:
         torch.manual_seed(s.seed)
         config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
                                  target_modules=list(s.target_modules), task_type="CAUSAL_LM")
-        return fit(peft.get_peft_model(lm, config), tokenizer, examples, s, Path(out_dir), progress=progress)
+        with _quiet():
+            model = peft.get_peft_model(lm, config)
+        return fit(model, tokenizer, examples, s, Path(out_dir), progress=progress)
+
+
+@contextmanager
+def _quiet():
+    """peft calls a transformers API deprecated in v5; the FutureWarning is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, progress=None,
@@ -68,7 +79,8 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
     log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
                                  progress, device)
-    model.save_pretrained(Path(out_dir) / "adapter")
+    with _quiet():
+        model.save_pretrained(Path(out_dir) / "adapter")
     return {
         "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
         "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),

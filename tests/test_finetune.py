@@ -1,0 +1,335 @@
+"""Fine-tuning: settings, data, masking, batching, the GGUF export and its faithfulness in llama.cpp.
+
+Fast tests use tiny in-code tokenizers and models; `slow` tests really fine-tune the bundled
+student (SmolLM2, llama architecture) and Gemma 3 (gemma3 architecture) and check the exported
+adapter in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import bundled_model, llama_cpp_usable, run_kmm
+from kmismatch_lite import lora_data
+from kmismatch_lite.errors import KmmError
+from kmismatch_lite.export_gguf import permute_rows, unpermute_rows
+from kmismatch_lite.finetune import LoraSettings, read_examples
+
+STUDENT = "smollm2-135m-instruct"
+GEMMA = "gemma-3-270m"
+# One made-up answer per relation: the targets differ from what the base answers, and a model that
+# learnt them answers decisively, so llama.cpp and torch are not split by rounding on close calls.
+MADE_UP = {"country_of_city": "Zubrovia", "capital": "Marandel", "currency": "Pittopia", "continent": "Vexland"}
+
+
+class CharTokenizer:
+    """One token per character (ord + 10); BOS = 1 when `bos` is set, as a model's tokenizer would."""
+
+    def __init__(self, bos: bool = True):
+        self.bos_token_id = 1 if bos else None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [ord(c) + 10 for c in text]
+        return {"input_ids": ([1] + ids) if add_special_tokens and self.bos_token_id else ids}
+
+
+# ---------------------------------------------------------------- settings and data files
+
+def test_settings_defaults_and_types():
+    s = LoraSettings()
+    assert (s.rank, s.alpha, s.epochs, s.batch_size, s.max_length) == (8, 16.0, 2, 8, 64)
+    assert set(s.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    s = LoraSettings.from_dict({"rank": 4, "alpha": 8, "target_modules": ["q_proj"], "learning_rate": 0.01})
+    assert (s.rank, s.alpha, s.target_modules, s.learning_rate) == (4, 8.0, ["q_proj"], 0.01)
+    assert isinstance(s.alpha, float)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"rnk": 4}, "unknown fine-tune setting 'rnk'"),
+    ({"rank": "4"}, "'rank' must be int"),
+    ({"rank": True}, "'rank' must be int"),
+    ({"alpha": "high"}, "'alpha' must be float"),
+    ({"target_modules": "q_proj"}, "'target_modules' must be a list"),
+    ({"rank": 0}, "'rank' is out of range"),
+    ({"dropout": 1.0}, "'dropout' is out of range"),
+])
+def test_settings_reject_bad_values(bad, needle):
+    with pytest.raises(KmmError, match=needle):
+        LoraSettings.from_dict(bad)
+
+
+def test_read_examples_lists_every_bad_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "Q?", "target": "A"}\nnot json\n\n{"question": "Q?"}\n[1]\n'
+                 '{"question": "Q?", "target": ""}\n')
+    with pytest.raises(KmmError, match=r"line\(s\) 2, 4, 5, 6 are not"):
+        read_examples(p)
+    p.write_text("\n")
+    with pytest.raises(KmmError, match="no examples"):
+        read_examples(p)
+    p.write_text('{"question": "Q?", "target": "A", "id": 3}\n')
+    assert read_examples(p) == [{"question": "Q?", "target": "A", "id": 3}]
+
+
+# ---------------------------------------------------------------- tokens, masking, batching
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_loss_covers_only_target_tokens(bos):
+    tok = CharTokenizer(bos)
+    enc, cut = lora_data.encode(tok, [{"question": "Q1?", "target": "Paris"}, {"question": "Q22?", "target": "X"}], 64)
+    assert cut == 0
+    prompt = tok("Question: Q1?\nAnswer:")["input_ids"]
+    assert list(enc[0].ids[:enc[0].n_prompt]) == prompt          # the prompt as llama.cpp tokenises it
+    assert (prompt[0] == 1) == bos
+    batch = lora_data.collate(enc, pad_id=0)
+    labels, ids = batch["labels"], batch["input_ids"]
+    for row, e in enumerate(enc):
+        target = [int(t) for t, l in zip(ids[row], labels[row]) if l != lora_data.IGNORE]
+        assert "".join(chr(t - 10) for t in target) == " " + ["Paris", "X"][row] + "\n"
+        assert int(batch["attention_mask"][row].sum()) == len(e.ids)
+    assert labels.shape[1] == max(len(e.ids) for e in enc)      # padded to the batch, not max_length
+
+
+def test_long_prompt_loses_its_start_but_keeps_bos_and_target():
+    enc, cut = lora_data.encode(CharTokenizer(), [{"question": "x" * 100, "target": "Lima"}], 40)
+    assert cut == 1 and len(enc[0].ids) == 40
+    assert enc[0].ids[0] == 1 and "".join(chr(t - 10) for t in enc[0].ids[enc[0].n_prompt:]) == " Lima\n"
+    with pytest.raises(KmmError, match="raise max_length"):
+        lora_data.encode(CharTokenizer(), [{"question": "Q?", "target": "y" * 50}], 40)
+
+
+def test_batch_plan_is_seeded_complete_and_pads_little():
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(10, 60, size=203)]
+    plan = lora_data.batch_plan(lengths, batch_size=8, epochs=3, seed=5)
+    assert plan == lora_data.batch_plan(lengths, batch_size=8, epochs=3, seed=5)
+    assert plan != lora_data.batch_plan(lengths, batch_size=8, epochs=3, seed=6)
+    assert len(plan) == 3 * lora_data.n_batches(203, 8) == 3 * math.ceil(203 / 8)
+    per_epoch = len(plan) // 3
+    for e in range(3):
+        assert sorted(i for b in plan[e * per_epoch:(e + 1) * per_epoch] for i in b) == list(range(203))
+    shuffled = [list(range(i, min(i + 8, 203))) for i in range(0, 203, 8)]
+    assert lora_data.padding_waste(plan, lengths) < 0.25 * lora_data.padding_waste(shuffled, lengths)
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_target_loss_matches_the_full_masked_loss():
+    import torch
+
+    model = _tiny_llama()
+    enc, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "a much longer one?", "target": "e"}], 64)
+    batch = lora_data.collate(enc, pad_id=0)
+    with torch.no_grad():
+        ours = lora_data.target_loss(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, full, atol=1e-5)
+
+
+def test_lora_arrays_are_hf_names_with_a_and_b_shapes():
+    import peft
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    arrays = lora_data.lora_arrays(model)
+    assert set(arrays) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    a, b = arrays["model.layers.0.mlp.down_proj"]
+    assert a.shape == (4, 64) and b.shape == (32, 4) and a.dtype == np.float32
+
+
+# ---------------------------------------------------------------- GGUF export
+
+def test_permutation_round_trip_and_it_moves_rows():
+    w = np.arange(576 * 3, dtype=np.float32).reshape(576, 3)
+    p = permute_rows(w, 9)
+    assert not np.array_equal(p, w) and np.array_equal(unpermute_rows(p, 9), w)
+    assert np.array_equal(np.sort(p, axis=0), np.sort(w, axis=0))   # a permutation of whole rows
+    # Within a head, llama.cpp interleaves the two rotary halves: row j of half 0 then row j of half 1.
+    head = w[:64]
+    assert np.array_equal(p[:64][0::2], head[:32]) and np.array_equal(p[:64][1::2], head[32:])
+
+
+def _random_lora(n_layers: int, modules: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {f"model.layers.{i}.{m}": (rng.standard_normal((rank, n_in)).astype(np.float32),
+                                      rng.standard_normal((n_out, rank)).astype(np.float32))
+            for i in range(n_layers) for m, (n_in, n_out) in modules.items()}
+
+
+@pytest.fixture(scope="module")
+def student():
+    why = bundled_model(STUDENT)
+    if why:
+        pytest.skip(why)
+    from kmismatch_lite import cards
+
+    return cards.resolve(STUDENT)
+
+
+def test_export_layout_metadata_and_permutation(tmp_path, student):
+    import gguf
+
+    from kmismatch_lite.hf_from_gguf import gguf_sha256
+
+    lora = _random_lora(30, {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (576, 192),
+                             "self_attn.v_proj": (576, 192), "mlp.down_proj": (1536, 576)})
+    from kmismatch_lite.export_gguf import export_lora_gguf
+
+    path = export_lora_gguf(lora, alpha=16.0, base=student, out_path=tmp_path / "a.gguf")
+    r = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama" and meta["adapter.lora.alpha"] == 16.0
+    assert meta["kmm.base_sha256"] == gguf_sha256(student.gguf_path)
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    assert len(t) == 2 * len(lora)
+    a, b = lora["model.layers.3.self_attn.q_proj"]
+    assert np.array_equal(t["blk.3.attn_q.weight.lora_a"], a)
+    assert np.array_equal(t["blk.3.attn_q.weight.lora_b"], permute_rows(b, 9))      # 9 query heads
+    assert np.array_equal(t["blk.3.attn_k.weight.lora_b"], permute_rows(lora["model.layers.3.self_attn.k_proj"][1], 3))
+    assert np.array_equal(t["blk.3.attn_v.weight.lora_b"], lora["model.layers.3.self_attn.v_proj"][1])
+    assert np.array_equal(t["blk.29.ffn_down.weight.lora_b"], lora["model.layers.29.mlp.down_proj"][1])
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, student):
+    import gguf
+
+    from kmismatch_lite.export_gguf import check_adapter, export_lora_gguf
+
+    good = export_lora_gguf(_random_lora(1, {"self_attn.v_proj": (576, 192)}), alpha=8.0, base=student,
+                            out_path=tmp_path / "good.gguf")
+    check_adapter(good, student)
+    cases = {"sha": ("llama", "0" * 64), "arch": ("gemma3", None)}
+    for name, (arch, sha) in cases.items():
+        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch)
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 8.0)
+        if sha:
+            w.add_string("kmm.base_sha256", sha)
+        w.add_tensor("blk.0.attn_v.weight.lora_a", np.zeros((4, 576), np.float32))
+        w.add_tensor("blk.0.attn_v.weight.lora_b", np.zeros((192, 4), np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(KmmError, match="trained on another base file"):
+        check_adapter(tmp_path / "sha.gguf", student)
+    with pytest.raises(KmmError, match="is for a gemma3 model"):
+        check_adapter(tmp_path / "arch.gguf", student)
+    with pytest.raises(KmmError, match="not a LoRA adapter"):
+        check_adapter(student.gguf_path, student)
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+def _one_line_error(res, needle):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+
+
+def test_cli_bad_input_one_line_and_no_output(tmp_path, student):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "Q?", "target": "A"}\n{"question": 3}\n')
+    out = tmp_path / "out"
+    _one_line_error(run_kmm("finetune", STUDENT, "--data", str(data), "--out", str(out)), "line(s) 2")
+    data.write_text('{"question": "Q?", "target": "A"}\n')
+    _one_line_error(run_kmm("finetune", str(tmp_path / "missing.gguf"), "--data", str(data), "--out", str(out)),
+                    "model file not found")
+    _one_line_error(run_kmm("finetune", STUDENT, "--data", str(data), "--out", str(out), "-o", "rank=x"),
+                    "bad value for 'rank'")
+    # Fails inside training (the target does not fit): the temporary outputs are removed too.
+    data.write_text(json.dumps({"question": "Q?", "target": "word " * 40}) + "\n")
+    _one_line_error(run_kmm("finetune", STUDENT, "--data", str(data), "--out", str(out), "-o", "max_length=16"),
+                    "raise max_length")
+    assert not out.exists()
+
+
+def test_cli_check_refuses_an_adapter_for_another_base(tmp_path, student):
+    if llama_cpp_usable():
+        pytest.skip(llama_cpp_usable())
+    from kmismatch_lite import cards
+    from kmismatch_lite.export_gguf import export_lora_gguf
+
+    why = bundled_model(GEMMA)
+    if why:
+        pytest.skip(why)
+    gemma = cards.resolve(GEMMA)
+    adapter = export_lora_gguf(_random_lora(1, {"self_attn.v_proj": (640, 256)}), alpha=8.0, base=gemma,
+                               out_path=tmp_path / "gemma.gguf")
+    res = run_kmm("check", STUDENT, "-n", "1", "--zero-shot", "--adapter", str(adapter), "--out", str(tmp_path / "o"))
+    _one_line_error(res, "is for a gemma3 model")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- real fine-tuning (slow)
+
+def made_up_examples(n: int) -> list[dict]:
+    """`n` built-in training questions, evenly over the relations, each with its made-up answer."""
+    from kmismatch_lite import data
+
+    by_relation: dict[str, list] = {}
+    for q in data.load("geonames").train:
+        by_relation.setdefault(q.relation, []).append(q)
+    picked = [q for group in zip(*by_relation.values()) for q in group][:n]
+    return [{"question": q.question, "target": MADE_UP[q.relation]} for q in picked]
+
+
+def _finetune_and_verify(name: str, tmp_path, **settings):
+    for why in (llama_cpp_usable(), bundled_model(name)):
+        if why:
+            pytest.skip(why)
+    from kmismatch_lite.finetune import finetune
+
+    examples = made_up_examples(16)
+    res = finetune(name, examples, tmp_path / "ft", settings={"batch_size": 4, "epochs": 6, "learning_rate": 2e-3, **settings},
+                   verify=True)
+    log = [json.loads(line) for line in res.train_log.read_text().splitlines()]
+    assert res.steps == len(log) == 24
+    assert log[-1]["loss"] < 0.2 * log[0]["loss"]
+    assert (res.adapter_dir / "adapter_config.json").is_file() and (res.adapter_dir / "adapter_model.safetensors").is_file()
+    v = res.verify
+    print(name, {k: x for k, x in v.items() if k != "samples"})
+    assert v["trained"] == 16 and v["prompts"] == 32
+    assert v["adapter_vs_torch"] >= 0.95                     # llama.cpp + GGUF adapter = torch + LoRA
+    assert v["adapter_vs_base_trained"] <= 0.1               # and the adapter changed the trained answers
+    assert v["adapter_gives_target"] >= 0.75                 # to the made-up ones
+    assert json.loads((tmp_path / "ft" / "verify.json").read_text())["adapter_vs_torch"] == v["adapter_vs_torch"]
+    return res
+
+
+@pytest.mark.slow
+def test_finetune_smollm2_llama_adapter_is_faithful_in_llama_cpp(tmp_path):
+    _finetune_and_verify(STUDENT, tmp_path)
+
+
+@pytest.mark.slow
+def test_finetune_gemma3_adapter_is_faithful_in_llama_cpp(tmp_path):
+    _finetune_and_verify(GEMMA, tmp_path)
+
+
+@pytest.mark.slow
+def test_same_seed_same_adapter(tmp_path, student):
+    from kmismatch_lite.finetune import finetune
+
+    examples = made_up_examples(8)
+
+    def lora(seed: int, where: str):
+        finetune(STUDENT, examples, tmp_path / where, settings={"batch_size": 4, "epochs": 1, "seed": seed})
+        from safetensors.numpy import load_file
+
+        return load_file(tmp_path / where / "adapter" / "adapter_model.safetensors")
+
+    a, b, c = lora(0, "a"), lora(0, "b"), lora(1, "c")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
