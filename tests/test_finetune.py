@@ -370,8 +370,10 @@ def test_exported_qk_lora_matches_torch_logits_in_llama_cpp(name, scale, tmp_pat
         gen = LlamaCppGenerator(model, adapter=adapter)
         rows = []
         for text in texts:
+            ids = gen.llm.tokenize(text.encode(), add_bos=True, special=False)
+            assert ids == tok(text)["input_ids"]             # training sees llama.cpp's prompt tokens
             gen.llm.reset()
-            gen.llm.eval(gen.llm.tokenize(text.encode(), add_bos=True, special=False))
+            gen.llm.eval(ids)
             rows.append(np.ctypeslib.as_array(gen.llm._ctx.get_logits(), shape=(gen.llm.n_vocab(),)).copy())
         gen.close()
         return _logprobs(np.stack(rows))
@@ -395,6 +397,7 @@ def test_exported_qk_lora_matches_torch_logits_in_llama_cpp(name, scale, tmp_pat
     lora = lora_data.lora_arrays(pm)
     good = export_gguf.export_lora_gguf(lora, alpha=16.0, base=model, out_path=tmp_path / "good.gguf")
     noise = _gap(llama_cpp(None), base)
+    assert noise < 0.25                     # the dequantized torch model is the GGUF's model (hf_folder)
     assert _gap(with_lora, base) > 4 * noise                          # the LoRA matters
     assert _gap(llama_cpp(good), with_lora) < 2 * noise + 0.02        # and llama.cpp applies it as torch does
     if name == STUDENT:

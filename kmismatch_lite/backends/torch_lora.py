@@ -119,7 +119,8 @@ def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str
 
     lm, tokenizer = load_base(model)
     if adapter_dir is not None:
-        lm = peft.PeftModel.from_pretrained(lm, str(adapter_dir))
+        with _quiet():
+            lm = peft.PeftModel.from_pretrained(lm, str(adapter_dir))
     lm.eval()
     vocab = tokenizer.get_vocab()
     stop = [tokenizer.eos_token_id] + [vocab[t] for t in ("<end_of_turn>", "<|eot_id|>") if t in vocab]
