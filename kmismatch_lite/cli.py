@@ -125,7 +125,7 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
             ["tokens/s", f"{res.tokens_per_second:.0f}"], ["adapter", res.adapter_dir], ["adapter.gguf", res.adapter_gguf]]
     if res.verify:
         v = res.verify
-        rows += [["llama.cpp+adapter = torch+LoRA", f"{v['adapter_vs_torch']:.1%} of {v['prompts']}"],
+        rows += [[f"llama.cpp+adapter = {v['trainer']}+LoRA", f"{v['adapter_vs_trainer']:.1%} of {v['prompts']}"],
                  ["llama.cpp+adapter = base (trained)", f"{v['adapter_vs_base_trained']:.1%} of {v['trained']}"]]
     ui.table(f"kmm finetune {student} ({backend})", ["", "value"], rows)
     ui.summary(f"fine-tuned {student} ({backend}) on {len(examples)} examples: {res.steps} steps in "

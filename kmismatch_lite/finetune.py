@@ -149,7 +149,8 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
     tmp = Path(tempfile.mkdtemp(prefix=".finetune.", dir=out_dir))
     try:
         result = _run(trainer, model, examples, settings, tmp, progress_factory)
-        result.verify = verify_adapter(model, examples, tmp / "adapter", tmp / "adapter.gguf") if verify else None
+        result.verify = verify_adapter(model, examples, tmp / "adapter", tmp / "adapter.gguf",
+                                       backend) if verify else None
         if result.verify is not None:
             write_json(tmp / "verify.json", result.verify)
         _move_outputs(tmp, out_dir)
@@ -227,11 +228,20 @@ def verify_prompts(examples: Sequence[dict], n_other: int = 16) -> tuple[list[st
     return trained, others
 
 
-def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Path, adapter_gguf: Path) -> dict:
-    """Agreement of greedy answers: llama.cpp + GGUF adapter vs torch + peft adapter, and vs the base."""
+def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Path, adapter_gguf: Path,
+                   backend: str = "torch") -> dict:
+    """Agreement of greedy answers: llama.cpp + GGUF adapter vs the training framework with its
+    adapter (mlx-lm for mlx; transformers + peft for torch and unsloth), and vs the base."""
+    import importlib
+
     from kmismatch_lite import prompts
+    from kmismatch_lite.backends import TRAINERS
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
-    from kmismatch_lite.backends.torch_lora import greedy_answers
+
+    module = importlib.import_module(TRAINERS[backend].partition(":")[0])
+    if not hasattr(module, "greedy_answers"):  # unsloth saves a peft adapter: check it with peft
+        module = importlib.import_module("kmismatch_lite.backends.torch_lora")
+    greedy_answers = module.greedy_answers
 
     trained, others = verify_prompts(examples)
     rendered = [prompts.zero_shot(q) for q in trained + others]
@@ -242,14 +252,15 @@ def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Pa
             answers[name] = gen.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
         finally:
             gen.close()
-    answers["torch_adapter"] = greedy_answers(model, adapter_dir, rendered, max_tokens=prompts.MAX_TOKENS)
+    answers["trainer_adapter"] = greedy_answers(model, adapter_dir, rendered, max_tokens=prompts.MAX_TOKENS)
     targets = {e["question"]: e["target"] for e in examples}
     n = len(trained)
-    ad, ta, base = answers["llamacpp_adapter"], answers["torch_adapter"], answers["llamacpp_base"]
+    ad, ta, base = answers["llamacpp_adapter"], answers["trainer_adapter"], answers["llamacpp_base"]
     return {
-        "prompts": len(rendered), "trained": n, "others": len(others),
-        "adapter_vs_torch": _agree(ad, ta), "adapter_vs_torch_trained": _agree(ad[:n], ta[:n]),
-        "adapter_vs_torch_others": _agree(ad[n:], ta[n:]),
+        "trainer": module.__name__.rpartition(".")[2], "prompts": len(rendered), "trained": n,
+        "others": len(others),
+        "adapter_vs_trainer": _agree(ad, ta), "adapter_vs_trainer_trained": _agree(ad[:n], ta[:n]),
+        "adapter_vs_trainer_others": _agree(ad[n:], ta[n:]),
         "adapter_vs_base": _agree(ad, base), "adapter_vs_base_trained": _agree(ad[:n], base[:n]),
         "adapter_gives_target": _agree(ad[:n], [prompts.clean_output(targets[q]) for q in trained]),
         "samples": [{"question": q, "trained": i < n, **{k: v[i] for k, v in answers.items()}}

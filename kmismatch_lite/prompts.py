@@ -53,8 +53,8 @@ def few_shot(exemplars: Sequence[Question], k: int = N_SHOTS, seed: int = 0) -> 
     return PromptTemplate(prefix)
 
 
-def clean_output(text: str) -> str:
+def clean_output(text: str, stop: Sequence[str] = tuple(STOP)) -> str:
     """Cut at the first stop string and strip spaces."""
-    for s in STOP:
+    for s in stop:
         text = text.split(s, 1)[0]
     return text.strip()

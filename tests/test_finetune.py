@@ -301,10 +301,10 @@ def _finetune_and_verify(name: str, tmp_path, **settings):
     v = res.verify
     print(name, {k: x for k, x in v.items() if k != "samples"})
     assert v["trained"] == 16 and v["prompts"] == 32
-    assert v["adapter_vs_torch"] >= 0.95                     # llama.cpp + GGUF adapter = torch + LoRA
+    assert v["adapter_vs_trainer"] >= 0.95                     # llama.cpp + GGUF adapter = torch + LoRA
     assert v["adapter_vs_base_trained"] <= 0.1               # and the adapter changed the trained answers
     assert v["adapter_gives_target"] >= 0.75                 # to the made-up ones
-    assert json.loads((tmp_path / "ft" / "verify.json").read_text())["adapter_vs_torch"] == v["adapter_vs_torch"]
+    assert json.loads((tmp_path / "ft" / "verify.json").read_text())["adapter_vs_trainer"] == v["adapter_vs_trainer"]
     return res
 
 

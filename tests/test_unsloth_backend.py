@@ -119,6 +119,6 @@ def test_smoke_recipe_with_unsloth_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("self", "teacher"):
         verify = json.loads((out / "finetune" / name / "verify.json").read_text())
-        assert verify["adapter_vs_torch"] >= 0.95, verify
+        assert verify["adapter_vs_trainer"] >= 0.95, verify
     res = json.loads((out / "results.json").read_text())
     assert set(res["conditions"]) == {"base_student", "self", "teacher", "base_teacher"}

@@ -49,6 +49,17 @@ class Trainer(Protocol):
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]: ...
 
 
+def answer_each(complete: Callable[[str, int, Sequence[str]], str], prompts: Sequence[str],
+                max_tokens: int, stop: Sequence[str], progress: Progress | None = None) -> list[str]:
+    """One greedy answer per prompt with `complete(prompt, max_tokens, stop)`, with progress."""
+    outputs = []
+    for prompt in prompts:
+        outputs.append(complete(prompt, max_tokens, stop))
+        if progress:
+            progress(1)
+    return outputs
+
+
 def _load(registry: dict[str, str], name: str, what: str) -> type:
     if name not in registry:
         raise KmmError(f"unknown {what} backend '{name}' (choose from {', '.join(registry)})")

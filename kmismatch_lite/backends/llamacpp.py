@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kmismatch_lite.backends import answer_each
+from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
 
@@ -104,22 +106,14 @@ class LlamaCppGenerator:
             if any(s in text for s in stop):
                 break
             llm.eval([tok])
-        text = out.decode("utf-8", errors="ignore")
-        for s in stop:
-            text = text.split(s, 1)[0]
         # The last sampled token may not be in the KV cache; never reuse past the prompt.
         self._cached = tokens if llm.n_tokens < len(self._cached) else self._cached
         self._cached = self._cached[: llm.n_tokens]
-        return text.strip()
+        return clean_output(out.decode("utf-8", errors="ignore"), stop)
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
                  progress=None) -> list[str]:
-        outputs = []
-        for prompt in prompts:
-            outputs.append(self._complete(prompt, max_tokens, stop))
-            if progress:
-                progress(1)
-        return outputs
+        return answer_each(self._complete, prompts, max_tokens, stop, progress)
 
 
 def _apply_lora(llm, adapter: Path, scale: float) -> None:
@@ -127,8 +121,11 @@ def _apply_lora(llm, adapter: Path, scale: float) -> None:
     the NULL that llama.cpp returns for a bad adapter (another base, not a LoRA, truncated) and
     then segfaults."""
     import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
 
-    lora = llama_cpp.llama_adapter_lora_init(llm._model.model, str(adapter).encode("utf-8"))
+    # llama.cpp logs a line per tensor it cannot place in a repacked buffer (Gemma: dozens).
+    with suppress_stdout_stderr(disable=False):
+        lora = llama_cpp.llama_adapter_lora_init(llm._model.model, str(adapter).encode("utf-8"))
     if not lora:
         raise KmmError(f"llama.cpp could not load the adapter {adapter}: not a LoRA adapter GGUF, "
                        f"truncated, or made for another base model than {llm.model_path}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmismatch_lite import cards, mlx_models
+from kmismatch_lite.backends import answer_each
+from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.errors import KmmError
 
 OPTIONS = {"source": str}
@@ -94,18 +96,11 @@ class MlxGenerator:
                 break
             self._cached.append(tok)
             logits = mlx_models.last_logits(self.net, mx.array([[tok]]), self._cache)
-        for s in stop:
-            text = text.split(s, 1)[0]
-        return text.strip()
+        return clean_output(text, stop)
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
                  progress=None) -> list[str]:
-        outputs = []
-        for prompt in prompts:
-            outputs.append(self._complete(prompt, max_tokens, stop))
-            if progress:
-                progress(1)
-        return outputs
+        return answer_each(self._complete, prompts, max_tokens, stop, progress)
 
 
 def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequence[str], *,

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from kmismatch_lite.cards import Model
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.prompts import clean_output
 
 OPTIONS = {"endpoint": str, "api_key_env": str, "concurrency": int, "timeout": float,
            "retries": int, "backoff": float, "cache": str, "greedy_extras": bool}
@@ -105,10 +106,7 @@ class OpenAIGenerator:
     def _answer(self, key: str, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         body = self._body(prompt, max_tokens, stop)
         reply = self._post(ENDPOINTS[self.endpoint], body)
-        text = self._text(reply, prompt)
-        for s in stop:
-            text = text.split(s, 1)[0]
-        text = text.strip()
+        text = clean_output(self._text(reply, prompt), stop)
         if isinstance(reply.get("model"), str) and self.server_model_id is None:
             self.server_model_id = reply["model"]
         if self.cache:
