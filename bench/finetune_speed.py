@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the torch backend does, for both sides
 
 import peft  # noqa: E402
 import torch  # noqa: E402

@@ -11,9 +11,6 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-# As the llama.cpp backend does, but before any test imports llama_cpp (OpenMP reads it at load):
-# spinning OpenMP threads made this shared 2-core machine 4-15x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 REPO = Path(__file__).resolve().parent.parent
 
