@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from kmismatch_lite import cards, data, prompts, scoring
 from kmismatch_lite.backends import generator_class
 from kmismatch_lite.data import Question
+from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import sha256_file, sha256_text, write_json, write_jsonl
 
 
@@ -89,7 +90,7 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", li
     qs = data.load(dataset, seed=seed)
     questions = qs.split(split)[: limit or None]
     if not questions:
-        raise scoring_empty(dataset, split)
+        raise KmmError(f"data set '{dataset}' has no questions in split '{split}'")
     template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(qs.exemplars, seed=seed)
     res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
                    options=options, progress_factory=progress_factory)
@@ -99,8 +100,3 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", li
         write_json(Path(out) / "metrics.json", res.metrics)
     return res
 
-
-def scoring_empty(dataset: str, split: str):
-    from kmismatch_lite.errors import KmmError
-
-    return KmmError(f"data set '{dataset}' has no questions in split '{split}'")
