@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import cache
 from pathlib import Path
 
 from kmismatch_lite.cards import Model, check_gguf
@@ -21,15 +20,7 @@ CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lit
 DONE = "kmm_source.json"
 
 
-@cache
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def gguf_sha256(path: Path) -> str:
-    """sha256 of a GGUF file, computed once per process for an unchanged file."""
-    st = Path(path).stat()
-    return _sha256(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+gguf_sha256 = sha256_file  # computed once per process for an unchanged file
 
 
 def hf_folder(model: Model) -> Path:

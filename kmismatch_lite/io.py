@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -63,6 +64,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read once per process while its size and mtime are unchanged (model
+    files are hashed by the manifest, stage keys, metrics and adapter checks alike)."""
+    st = Path(path).stat()
+    return _sha256(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
