@@ -150,11 +150,19 @@ def check_gguf(path: Path, what: str = "model") -> None:
         raise KmmError(f"{path} is not a GGUF {what} file (corrupt, truncated or another format)")
 
 
+SERVED_PREFIX = "openai:"
+
+
+def is_served(spec: str) -> bool:
+    """True for a model answered by an OpenAI-compatible server (`openai:URL#model`)."""
+    return spec.startswith(SERVED_PREFIX)
+
+
 def resolve(spec: str) -> Model:
     """Turn a model name, a `.gguf` path, `hf:org/repo:file.gguf` or a served model
     `openai:http://host:port/v1#model` into a file on disk or an endpoint."""
-    if spec.startswith("openai:"):
-        url, _, name = spec[len("openai:"):].partition("#")
+    if is_served(spec):
+        url, _, name = spec[len(SERVED_PREFIX):].partition("#")
         if not url.startswith(("http://", "https://")) or not name:
             raise KmmError(f"bad model '{spec}': use openai:http://host:port/v1#model")
         return Model(name, None, None, url.rstrip("/"))

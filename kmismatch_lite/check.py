@@ -40,6 +40,11 @@ def answer(generator, template: prompts.PromptTemplate, questions: Sequence[Ques
     return generator.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP, progress=progress)
 
 
+def generation_backend(served: bool, backend: str) -> str:
+    """A served model is answered by its server: the default backend becomes `openai`."""
+    return "openai" if served and backend == "llamacpp" else backend
+
+
 def make_generator(backend: str, model: cards.Model, adapter: Path | None, seed: int, options: dict):
     return generator_class(backend)(model, adapter=adapter, seed=seed, **options)
 
@@ -48,8 +53,7 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
              backend: str = "llamacpp", adapter: Path | None = None, seed: int = 0,
              options: dict | None = None, progress_factory=None, label: str | None = None) -> CheckResult:
     """Answer `questions` with the model (and adapter) through a backend, then score them."""
-    if model.served and backend == "llamacpp":
-        backend = "openai"
+    backend = generation_backend(model.served, backend)
     gen = make_generator(backend, model, adapter, seed, options or {})
     t0 = time.perf_counter()
     try:

@@ -83,11 +83,11 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
 def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, options) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
     or hf:org/repo:file.gguf)."""
-    from kmismatch_lite import check as check_mod, ui
+    from kmismatch_lite import cards, check as check_mod, ui
     from kmismatch_lite.backends import generator_class, parse_options
 
-    if model.startswith("openai:") and backend == "llamacpp":
-        backend = "openai"  # a served model is answered by its server, so -o takes that backend's options
+    # -o takes the options of the backend that will answer: a served model's server.
+    backend = check_mod.generation_backend(cards.is_served(model), backend)
     opts = parse_options(options, getattr(sys.modules[generator_class(backend).__module__], "OPTIONS", {}), backend)
     t0 = time.perf_counter()
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,

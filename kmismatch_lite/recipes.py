@@ -116,7 +116,7 @@ def validate(recipe: dict, path: Path) -> None:
         spec = recipe["models"].get(role)
         if not spec:
             raise KmmError(f"{path}: missing key 'models.{role}'")
-        if not (spec.endswith(".gguf") or spec.startswith(("hf:", "openai:")) or spec in cards.cards()):
+        if not (spec.endswith(".gguf") or spec.startswith("hf:") or cards.is_served(spec) or spec in cards.cards()):
             raise KmmError(f"{path}: models.{role}: unknown model '{spec}'")
     kind, rest = data.parse_spec(recipe["data"]["dataset"])
     if kind not in ("geonames", "triviaqa", "popqa", "jsonl", "csv", "parquet"):

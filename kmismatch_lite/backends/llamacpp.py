@@ -105,8 +105,7 @@ class LlamaCppGenerator:
             if any(s in text for s in stop):
                 break
             llm.eval([tok])
-        # The last sampled token may not be in the KV cache; never reuse past the prompt.
-        self._cached = tokens if llm.n_tokens < len(self._cached) else self._cached
+        # The KV cache holds the first n_tokens of these (the last sampled token may not be evaluated).
         self._cached = self._cached[: llm.n_tokens]
         return clean_output(out.decode("utf-8", errors="ignore"), stop)
 
