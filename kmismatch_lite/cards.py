@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -96,6 +97,22 @@ def cards(models_dir: Path = MODELS_DIR) -> dict[str, Card]:
     return out
 
 
+_HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hf_parts(spec: str) -> tuple[str, str]:
+    """`hf:org/repo:file.gguf` as (repo, file); a name that could step outside the hub's cache
+    folder (`..`, an absolute path, a backslash) is refused."""
+    repo, _, filename = spec[3:].partition(":")
+    if not repo or not filename:
+        raise KmmError(f"bad model '{spec}': use hf:org/repo:file.gguf")
+    parts = filename.split("/")
+    if (not _HF_REPO.fullmatch(repo) or ".." in repo or "\\" in filename
+            or any(p in ("", ".", "..") for p in parts)):
+        raise KmmError(f"bad model '{spec}': the repo must be org/name and the file a path inside it")
+    return repo, filename
+
+
 def hf_cache_file(repo: str, filename: str) -> Path | None:
     """The file in the local Hugging Face cache, if a download put it there."""
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
@@ -167,9 +184,7 @@ def resolve(spec: str) -> Model:
             raise KmmError(f"bad model '{spec}': use openai:http://host:port/v1#model")
         return Model(name, None, None, url.rstrip("/"))
     if spec.startswith("hf:"):
-        repo, _, filename = spec[3:].partition(":")
-        if not repo or not filename:
-            raise KmmError(f"bad model '{spec}': use hf:org/repo:file.gguf")
+        repo, filename = hf_parts(spec)
         path = hf_cache_file(repo, filename)
         if path is None:
             raise KmmError(f"model '{spec}' is not available offline: download it (needs internet) with kmm pull {spec}")
@@ -204,7 +219,7 @@ def availability(card: Card) -> tuple[bool, str]:
 def pull(spec: str) -> Path:
     """Download a hub GGUF into the Hugging Face cache (the one online step)."""
     if spec.startswith("hf:"):
-        repo, _, filename = spec[3:].partition(":")
+        repo, filename = hf_parts(spec)
     else:
         known = cards()
         if spec not in known:

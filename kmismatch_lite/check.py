@@ -85,17 +85,32 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
     return CheckResult(samples, tally, metrics)
 
 
-def check(model_spec: str, *, dataset: str = "geonames", split: str = "test", limit: int | None = None,
+def default_split(dataset: str) -> str:
+    """A local question file is checked whole; a built-in set on its held-out test split."""
+    return data.ALL if data.is_local(dataset) else "test"
+
+
+def exemplars_for(qs: data.QuestionSet, split: str, seed: int) -> list[Question]:
+    """Few-shot exemplars that are never among the questions checked: the set's own exemplars
+    split, or, when the checked split contains it, the built-in geonames exemplars."""
+    if split in (data.ALL, "exemplars"):
+        return data.load("geonames", seed=seed).exemplars
+    return qs.exemplars
+
+
+def check(model_spec: str, *, dataset: str = "geonames", split: str | None = None, limit: int | None = None,
           backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
           seed: int = 0, options: dict | None = None, out: Path | None = None,
           progress_factory=None) -> CheckResult:
-    """Run the check; `progress_factory(description, total)` gives a context yielding advance()."""
+    """Run the check; `progress_factory(description, total)` gives a context yielding advance().
+    `split` defaults to `default_split(dataset)`."""
+    split = split or default_split(dataset)
     model = cards.resolve(model_spec)
     qs = data.load(dataset, seed=seed)
     questions = qs.split(split)[: limit or None]
     if not questions:
         raise KmmError(f"data set '{dataset}' has no questions in split '{split}'")
-    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(qs.exemplars, seed=seed)
+    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(exemplars_for(qs, split, seed), seed=seed)
     res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
                    options=options, progress_factory=progress_factory)
     res.metrics.update(dataset=dataset, split=split)

@@ -3,6 +3,7 @@ when it runs, so `kmm --help` stays fast and light."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,10 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--dataset", "-d", default="geonames", show_default=True, help="Question set SPEC.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "exemplars"]))
+@click.option("--split", default=None, type=click.Choice(["all", "train", "test", "exemplars"]),
+              help="Questions to check [default: all for a local file, test for a built-in set]. "
+                   "Few-shot exemplars are never checked questions: with all or exemplars they are "
+                   "the built-in geonames exemplars.")
 @click.option("--limit", "-n", type=int, default=None, help="Answer only the first N questions.")
 @click.option("--backend", "-b", default="llamacpp", show_default=True, help="Generation backend.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None, help="A GGUF LoRA adapter.")
@@ -88,8 +92,11 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
 
     # -o takes the options of the backend that will answer: a served model's server.
     backend = check_mod.generation_backend(cards.is_served(model), backend)
+    if out is not None:
+        writable_folder(out)
     opts = parse_options(options, getattr(sys.modules[generator_class(backend).__module__], "OPTIONS", {}), backend)
     t0 = time.perf_counter()
+    split = split or check_mod.default_split(dataset)
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
                           adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts, out=out,
                           progress_factory=ui.progress_bar)
@@ -117,6 +124,7 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
     from kmismatch_lite import finetune as ft, ui
     from kmismatch_lite.backends import parse_options
 
+    writable_folder(out)
     settings = ft.LoraSettings.from_dict(parse_options(options, ft.LoraSettings.types(), "finetune"))
     examples = ft.read_examples(data_file)
     res = ft.finetune(student, examples, out, backend=backend, settings=settings, verify=verify,
@@ -144,7 +152,9 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)
-    out = out or Path("runs") / r["name"]
+    if out is None and (Path(r["name"]).name != r["name"] or r["name"] in (".", "..")):
+        raise KmmError(f"recipe name '{r['name']}' is not a plain folder name: give --out DIR")
+    out = writable_folder(out or Path("runs") / r["name"])
     t0 = time.perf_counter()
     done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar)
     res = done["results"]
@@ -175,10 +185,23 @@ def report_cmd(runs: tuple[Path, ...]) -> None:
     ui.table("comparison", ["figure", str(runs[0]), str(runs[1]), "change"], report.compare_rows(*loaded))
 
 
+def writable_folder(out: Path) -> Path:
+    """Fail before any work if the output folder cannot be created or written."""
+    existing = Path(out).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KmmError(f"cannot write the output folder {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KmmError(f"cannot write the output folder {out}: {existing} is not writable")
+    return out
+
+
 def main() -> None:
-    """Entry point: a KmmError becomes one line on stderr and exit status 1."""
+    """Entry point: a KmmError, a usage error or an OS error becomes one line on stderr and a
+    non-zero exit (1, or click's 2 for usage errors)."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="kmm")
     except KmmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -186,8 +209,23 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _click_error(exc)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _click_error(exc: click.ClickException) -> None:
+    """Click's usage errors in the same one-line form as every other error."""
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        click.echo(exc.ctx.get_help())  # bare `kmm`: the help, as `kmm --help` would print it
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    print(f"error: {message}{hint}", file=sys.stderr)
+    sys.exit(exc.exit_code)

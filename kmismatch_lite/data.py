@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 from kmismatch_lite.errors import KmmError, missing_extra
 
 SPLITS = ("train", "test", "exemplars")
+ALL = "all"  # every question of the set, in its source order
+LOCAL_KINDS = ("jsonl", "csv", "parquet")
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,14 @@ class QuestionSet:
     train: list[Question] = field(default_factory=list)
     test: list[Question] = field(default_factory=list)
     exemplars: list[Question] = field(default_factory=list)
+    everything: list[Question] = field(default_factory=list)
 
     def split(self, name: str) -> list[Question]:
+        """The questions of one split, or of the whole set for `all`."""
+        if name == ALL:
+            return self.everything or self.train + self.test + self.exemplars
         if name not in SPLITS:
-            raise KmmError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
+            raise KmmError(f"unknown split '{name}' (choose from {', '.join(SPLITS + (ALL,))})")
         return getattr(self, name)
 
     def counts(self) -> dict[str, int]:
@@ -77,7 +83,7 @@ def split_by_subject(
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split `kind:rest`; a bare existing file path is taken by its extension."""
     kind, _, rest = spec.partition(":")
-    if not rest and Path(spec).suffix.lstrip(".") in ("jsonl", "csv", "parquet"):
+    if not rest and Path(spec).suffix.lstrip(".") in LOCAL_KINDS:
         return Path(spec).suffix.lstrip("."), spec
     return kind, rest
 
@@ -103,7 +109,7 @@ def load(spec: str, seed: int = 0, test_frac: float = 0.4, n_exemplars: int = 16
 
         opts = _options(rest, {"cities": int}, spec)
         questions = geonames.build(n_cities=opts.get("cities", 800), seed=seed)
-    elif kind in ("jsonl", "csv", "parquet"):
+    elif kind in LOCAL_KINDS:
         if not rest:
             raise KmmError(f"data set '{spec}' needs a path, e.g. {kind}:questions.{kind}")
         questions = load_file(Path(rest), kind)
@@ -116,7 +122,12 @@ def load(spec: str, seed: int = 0, test_frac: float = 0.4, n_exemplars: int = 16
     if not questions:
         raise KmmError(f"data set '{spec}' is empty")
     train, test, exemplars = split_by_subject(questions, seed, test_frac, n_exemplars)
-    return QuestionSet(spec, train, test, exemplars)
+    return QuestionSet(spec, train, test, exemplars, list(questions))
+
+
+def is_local(spec: str) -> bool:
+    """True for a question file on disk (jsonl:, csv:, parquet: or a bare path)."""
+    return parse_spec(spec)[0] in LOCAL_KINDS
 
 
 def _row_to_question(row: dict, where: str) -> Question:

@@ -101,18 +101,21 @@ def read_examples(path: Path) -> list[dict]:
     if not path.is_file():
         raise KmmError(f"data file not found: {path}")
     rows, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if _is_example(row):
-                rows.append(row)
-            else:
-                bad.append(number)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if _is_example(row):
+                    rows.append(row)
+                else:
+                    bad.append(number)
+    except UnicodeDecodeError:
+        raise KmmError(f"{path}: not a UTF-8 text file") from None
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise KmmError(f"{path}: line(s) {shown} are not JSON objects with non-empty string 'question' and 'target'")

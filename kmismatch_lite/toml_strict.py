@@ -15,6 +15,8 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise KmmError(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise KmmError(f"{path}: not a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise KmmError(f"{path}: invalid TOML: {exc}") from None
 

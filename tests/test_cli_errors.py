@@ -113,7 +113,7 @@ def test_empty_split(tmp_path, fake_model):
     p = tmp_path / "two.jsonl"
     p.write_text('{"question": "Q?", "answers": "A"}\n')
     # one subject goes to the exemplars, leaving the test split empty
-    _one_line_error(_check(tmp_path, fake_model, "-d", f"jsonl:{p}"), "no questions in split 'test'")
+    _one_line_error(_check(tmp_path, fake_model, "-d", f"jsonl:{p}", "--split", "test"), "no questions in split 'test'")
 
 
 def test_data_command_errors(tmp_path):
@@ -142,3 +142,119 @@ def test_models_fits_80_columns():
     # one row per card: each model name begins a line (no wrapped cells splitting rows apart)
     for name in ("smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-0.5b-instruct"):
         assert sum(name in l for l in lines) == 1, name
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["check", "m.gguf", "--split", "foo"], ["Invalid value for '--split'", "'foo'", "kmm check --help"]),
+    (["check", "m.gguf", "--colour", "red"], ["No such option '--colour'", "kmm check --help"]),
+    (["check"], ["Missing argument 'MODEL'"]),
+    (["check", "m.gguf", "--limit", "many"], ["'--limit'", "'many' is not a valid integer"]),
+    (["frobnicate"], ["No such command 'frobnicate'"]),
+])
+def test_usage_errors_are_one_line(tmp_path, args, needles):
+    res = run_kmm(*args, cwd=tmp_path)
+    _one_line_error(res, *needles)
+    assert res.returncode == 2 and not list(tmp_path.iterdir())
+
+
+def test_bare_kmm_prints_the_help():
+    res = run_kmm()
+    assert "Usage:" in res.stdout and "Traceback" not in res.stderr
+
+
+def _recipe(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "r"\n[models]\nstudent = "smollm2-135m-instruct"\nteacher = "gemma-3-270m"\n' + text)
+    return p
+
+
+@pytest.mark.parametrize("text, settings, needles", [
+    ('[data]\ntest = "many"\n', [], ["'data.test' must be int, got 'many'"]),
+    ('[report]\nbootstrap = 1.5\n', [], ["'report.bootstrap' must be int, got 1.5"]),
+    ('[finetune]\nverify = "yes"\n', [], ["'finetune.verify' must be bool"]),
+    ('[data]\ndataset = 3\n', [], ["'data.dataset' must be str, got 3"]),
+    ('', ["data.test=lots"], ["setting 'data.test'", "'lots' (expected int)"]),
+])
+def test_recipe_values_of_the_wrong_type(tmp_path, text, settings, needles):
+    out = tmp_path / "run"
+    args = [a for s in settings for a in ("-s", s)]
+    _one_line_error(run_kmm("run", str(_recipe(tmp_path, text)), "--out", str(out), *args), *needles)
+    assert not out.exists()
+
+
+def test_recipe_file_not_utf8(tmp_path):
+    p = tmp_path / "latin.toml"
+    p.write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    _one_line_error(run_kmm("run", str(p), "--out", str(tmp_path / "run")), "latin.toml")
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_name_with_path_separators(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text(_recipe(tmp_path, "").read_text().replace('name = "r"', 'name = "../escape"'))
+    _one_line_error(run_kmm("run", str(p), cwd=tmp_path), "recipe name '../escape'", "--out")
+    assert not (tmp_path.parent / "escape").exists()
+
+
+@pytest.mark.parametrize("kind, raw", [
+    ("jsonl", '{"question": "O\u00f9 est Paris?", "answers": ["France"]}\n'.encode("latin-1")),
+    ("csv", "question,answers\nQu\u00e9?,A\n".encode("cp1252")),
+])
+def test_data_file_not_utf8(tmp_path, fake_model, kind, raw):
+    p = tmp_path / f"latin.{kind}"
+    p.write_bytes(raw)
+    _one_line_error(_check(tmp_path, fake_model, "-d", f"{kind}:{p}"), "not a UTF-8 text file", str(p))
+
+
+def test_finetune_data_not_utf8(tmp_path, fake_model):
+    p = tmp_path / "latin.jsonl"
+    p.write_bytes('{"question": "Qu\u00e9?", "target": "A"}\n'.encode("latin-1"))
+    out = tmp_path / "ft"
+    _one_line_error(run_kmm("finetune", fake_model, "--data", str(p), "--out", str(out)), "UTF-8", str(p))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("row", [
+    {"question": "Q?", "answers": []},
+    {"question": "Q?", "answers": [""]},
+    {"question": "Q?", "answers": "  "},
+])
+def test_question_with_an_empty_answer_list(tmp_path, fake_model, row):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"question": "Fine?", "answers": ["yes"]}) + "\n" + json.dumps(row) + "\n")
+    _one_line_error(_check(tmp_path, fake_model, "-d", f"jsonl:{p}"), "line 2", "'answers' must be a non-empty")
+
+
+def test_output_folder_under_a_file(tmp_path, fake_model, questions):
+    blocker = tmp_path / "plain.txt"
+    blocker.write_text("not a folder")
+    for args in (["check", fake_model, "-d", f"jsonl:{questions}"],
+                 ["finetune", fake_model, "--data", str(questions)]):
+        res = run_kmm(*args, "--out", str(blocker / "out"))
+        _one_line_error(res, "cannot write the output folder", "plain.txt is not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any folder, so a read-only folder cannot be made")
+def test_output_folder_not_writable(tmp_path, fake_model, questions):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        res = run_kmm("check", fake_model, "-d", f"jsonl:{questions}", "--out", str(locked / "out"))
+        _one_line_error(res, "cannot write the output folder", "is not writable")
+        assert not list(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("hf:org/repo:../../../etc/passwd", "the repo must be org/name"),
+    ("hf:org/repo:/etc/passwd", "the repo must be org/name"),
+    ("hf:../../x:file.gguf", "the repo must be org/name"),
+    ("hf:org:file.gguf", "the repo must be org/name"),
+    ("org/some-model", "model file not found: org/some-model"),
+    ("../models/nothing", "model file not found"),
+])
+def test_model_names_with_path_separators(tmp_path, spec, needle):
+    _one_line_error(_check(tmp_path, spec), needle)
+    _one_line_error(run_kmm("pull", spec), needle if spec.startswith("hf:") else "unknown model")
