@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from kmismatch_lite.errors import KmmError
+from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,8 +217,36 @@ def availability(card: Card) -> tuple[bool, str]:
     return True, str(path)
 
 
-def pull(spec: str) -> Path:
-    """Download a hub GGUF into the Hugging Face cache (the one online step)."""
+def _hub_bar(progress_factory, what: str):
+    """A tqdm class for huggingface_hub whose bar is the project's own display."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self._size, self._bytes = int(kwargs.get("total") or 0), int(kwargs.get("initial") or 0)
+            self._shown = progress_factory(f"downloading {what} (MiB)", -(-self._size // 2**20))
+            self._advance = self._shown.__enter__()
+            self._advance(self._bytes >> 20)
+
+        def update(self, n=1):
+            before, self._bytes = self._bytes, self._bytes + int(n or 0)
+            self._advance((self._bytes >> 20) - (before >> 20))
+
+        def close(self):
+            if getattr(self, "_shown", None) is not None:
+                if self._bytes >= self._size:  # the last partial MiB
+                    self._advance(-(-self._size // 2**20) - (self._bytes >> 20))
+                self._shown.__exit__(None, None, None)
+                self._shown = None
+            super().close()
+
+    return Bar
+
+
+def pull(spec: str, progress_factory=None) -> Path:
+    """Download a hub GGUF into the Hugging Face cache (the one online step);
+    `progress_factory(description, total)` shows the download, otherwise nothing is drawn."""
     if spec.startswith("hf:"):
         repo, filename = hf_parts(spec)
     else:
@@ -230,9 +259,13 @@ def pull(spec: str) -> Path:
         repo, filename = src["hf_repo"], src["hf_file"]
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError:
-        raise KmmError("huggingface_hub is not installed: pip install 'kmismatch_lite[hub]'") from None
+        raise missing_extra("huggingface_hub", "hub") from None
+    disable_progress_bars()  # its own bars bypass the project's display
+    # Older huggingface_hub releases take no tqdm_class: their download is then silent.
+    shown = progress_factory and "tqdm_class" in inspect.signature(hf_hub_download).parameters
     try:
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(repo, filename, **({"tqdm_class": _hub_bar(progress_factory, filename)} if shown else {})))
     except Exception as exc:
         raise KmmError(f"could not download {repo}/{filename}: {exc.__class__.__name__}") from None

@@ -44,7 +44,7 @@ def pull(model: str) -> None:
     """Download a hub model's GGUF into the local cache (needs internet)."""
     from kmismatch_lite import cards, ui
 
-    path = cards.pull(model)
+    path = cards.pull(model, progress_factory=ui.progress_bar)
     click.echo(str(path))
     ui.summary(f"pulled {model} -> {path}")
 

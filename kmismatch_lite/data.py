@@ -218,6 +218,9 @@ def _load_hub(kind: str, spec: str, seed: int, opts: dict) -> QuestionSet:
         import datasets
     except ImportError:
         raise missing_extra("datasets", "hub") from None
+    # Their own bars and log lines would bypass the project's display; a load takes seconds.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try:
         if kind == "triviaqa":
             ds = datasets.load_dataset("mandarjoshi/trivia_qa", "rc.nocontext")

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_kmm(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m kmismatch_lite ARGS` in a fresh interpreter, capturing stdout and stderr."""
-    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    """`python -m kmismatch_lite ARGS` in a fresh interpreter, capturing stdout and stderr
+    (an `env` value of None removes that variable)."""
+    full_env = {k: v for k, v in {**os.environ, "COLUMNS": "200", **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "kmismatch_lite", *args], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -107,9 +107,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(script=(), **kwargs) -> Iterator[FakeServer]:
-    """A running fake server, shut down on exit."""
-    server = FakeServer(script, **kwargs)
+def running(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
+    """Serve `server` on a thread; shut it down on exit."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -118,3 +117,8 @@ def serve(script=(), **kwargs) -> Iterator[FakeServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def serve(script=(), **kwargs):
+    """A running fake server (a context manager), shut down on exit."""
+    return running(FakeServer(script, **kwargs))
