@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
@@ -46,8 +48,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise missing_extra("transformers", "torch") from None
     where, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise KmmError(f"transformers cannot convert {gguf_path} ({exc.__class__.__name__}: {exc})") from None
     # The saved folder holds plain float32 weights, not a GGUF-quantized model.
@@ -58,3 +61,29 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.config.name_or_path = str(gguf_path)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws its own tqdm bar while dequantizing a GGUF (a few seconds, once per
+    file) and logs warnings; neither would go through the project's display."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    level, bars_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        hf_logging.set_verbosity(level)
+        if bars_on:
+            hf_logging.enable_progress_bar()
