@@ -47,20 +47,20 @@ def _convert(gguf_path: Path, out: Path) -> None:
     except ImportError:
         raise missing_extra("transformers", "torch") from None
     where, name = str(gguf_path.parent), gguf_path.name
-    try:
-        with _quiet_transformers():
+    with _quiet_transformers():
+        try:
             tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise KmmError(f"transformers cannot convert {gguf_path} ({exc.__class__.__name__}: {exc})") from None
-    # The saved folder holds plain float32 weights, not a GGUF-quantized model.
-    for obj in (model.config, getattr(model, "generation_config", None)):
-        if obj is not None and hasattr(obj, "quantization_config"):
-            delattr(obj, "quantization_config")
-    model.hf_quantizer = None
-    model.config.name_or_path = str(gguf_path)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise KmmError(f"transformers cannot convert {gguf_path} ({exc.__class__.__name__}: {exc})") from None
+        # The saved folder holds plain float32 weights, not a GGUF-quantized model.
+        for obj in (model.config, getattr(model, "generation_config", None)):
+            if obj is not None and hasattr(obj, "quantization_config"):
+                delattr(obj, "quantization_config")
+        model.hf_quantizer = None
+        model.config.name_or_path = str(gguf_path)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 from kmismatch_lite import cards
@@ -160,7 +159,7 @@ def convert_folder(hf_dir: Path, dest: Path, gguf_path: Path | None = None) -> P
     layout = affine_layout(gguf_path) if gguf_path else None
     if layout:
         reference = {k: v for k, v in _flat(model).items() if k.endswith("v_proj.weight") or k.endswith("q_proj.weight")}
-        with contextlib.redirect_stdout(sys.stderr):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its "[INFO] Quantized" line
             model, config = quantize_model(model, config, 32, 4, quant_predicate=lambda p, m: (
                 {"group_size": 32, "bits": layout[p], "mode": "affine"} if p in layout else False))
         model.load_weights(list(gguf_affine_weights(gguf_path, config).items()), strict=False)
