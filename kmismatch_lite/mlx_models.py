@@ -18,7 +18,7 @@ from kmismatch_lite import cards
 from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.io import atomic_dir
 
-CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lite")) / "mlx"
+CACHE = cards.CACHE / "mlx"
 SOURCES = ("auto", "gguf", "hub")
 # GGML tensor type ids whose blocks map one to one onto MLX affine groups of 32 values.
 _AFFINE_BITS = {2: 4, 3: 4, 8: 8}  # Q4_0, Q4_1, Q8_0
