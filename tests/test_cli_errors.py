@@ -3,6 +3,7 @@ traceback, and no --out folder left behind. Runs `python -m kmismatch_lite` as a
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -235,16 +236,25 @@ def test_output_folder_under_a_file(tmp_path, fake_model, questions):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any folder, so a read-only folder cannot be made")
-def test_output_folder_not_writable(tmp_path, fake_model, questions):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        res = run_kmm("check", fake_model, "-d", f"jsonl:{questions}", "--out", str(locked / "out"))
-        _one_line_error(res, "cannot write the output folder", "is not writable")
-        assert not list(locked.iterdir())
-    finally:
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder this user cannot write: a mode-0500 folder, or for root a read-only mount."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        yield locked
         locked.chmod(0o700)
+    elif os.path.isdir("/sys") and not os.access("/sys", os.W_OK):
+        yield Path("/sys")
+    else:
+        pytest.skip("root may write any folder here and no read-only mount was found")
+
+
+def test_output_folder_not_writable(tmp_path, fake_model, questions, unwritable):
+    before = sorted(os.listdir(unwritable))
+    res = run_kmm("check", fake_model, "-d", f"jsonl:{questions}", "--out", str(unwritable / "kmm-out"))
+    _one_line_error(res, "cannot write the output folder", "is not writable")
+    assert sorted(os.listdir(unwritable)) == before
 
 
 @pytest.mark.parametrize("spec, needle", [
