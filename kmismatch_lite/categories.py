@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from kmismatch_lite import prompts, scoring
 from kmismatch_lite.data import Question
+from kmismatch_lite.errors import KmmError
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 KNOWN = "Known"  # the cheap mode's only other category
@@ -59,15 +60,32 @@ def categorize(greedy: Mapping[str, Sequence[str]], sampled: Mapping[str, Sequen
     return {qid: slick(g, sampled.get(qid, ())) for qid, g in greedy.items()}
 
 
+def verdicts_by_question(runs: Sequence[Sequence[dict]]) -> dict[str, list[str]]:
+    """Question id -> its verdicts, one per run (a run: check.score rows for one prompt or one
+    sampling seed, over the same questions)."""
+    table: dict[str, list[str]] = {}
+    for run in runs:
+        if table and sorted(r["id"] for r in run) != sorted(table):
+            raise ValueError("every run must answer the same questions")
+        for row in run:
+            table.setdefault(row["id"], []).append(row["verdict"])
+    return table
+
+
+def categorize_cheap(samples: Sequence[dict]) -> dict[str, str]:
+    """Question id -> Known / Unknown from one greedy few-shot run (e.g. the base student's)."""
+    return {row["id"]: cheap(row["verdict"]) for row in samples}
+
+
 def slick_templates(exemplars: Sequence[Question], k_prompts: int = K_PROMPTS, shots: int = prompts.N_SHOTS,
                     seed: int = 0) -> list[prompts.PromptTemplate]:
     """K few-shot templates whose exemplar sets all differ. The first is the run's own prompt
     (`prompts.few_shot` with the seed), so its greedy answers are the base student's."""
     if k_prompts < 1:
-        raise ValueError("SliCK needs at least one prompt")
+        raise KmmError("SliCK needs at least one prompt")
     if k_prompts > 1 and (shots < 1 or comb(len(exemplars), shots) < k_prompts):
-        raise ValueError(f"{len(exemplars)} exemplars cannot make {k_prompts} prompts of {shots} "
-                         f"different exemplars each")
+        raise KmmError(f"{len(exemplars)} exemplars cannot make {k_prompts} prompts of {shots} "
+                       f"different exemplars each")
     templates = [prompts.few_shot(exemplars, k=shots, seed=seed)]
     seen = {_exemplar_set(templates[0])}
     # Seeds for the other prompts come from a stream of their own, derived from the run's seed.
@@ -80,7 +98,7 @@ def slick_templates(exemplars: Sequence[Question], k_prompts: int = K_PROMPTS, s
             seen.add(_exemplar_set(t))
             templates.append(t)
     # Only exemplars repeating one another's text get here.
-    raise ValueError(f"found only {len(templates)} different exemplar sets for {k_prompts} prompts")
+    raise KmmError(f"found only {len(templates)} different exemplar sets for {k_prompts} prompts")
 
 
 def _exemplar_set(template: prompts.PromptTemplate) -> frozenset[str]:

@@ -1,5 +1,5 @@
-"""The dose-response statistic (protocol step 9): the slope of an outcome rate (the wrong-answer
-rate, by default the headline) per unit mismatch dose, pooled over seeds, with a hierarchical
+"""The dose-response statistic (protocol step 9): the slope of an outcome rate per unit mismatch
+dose (the wrong-answer rate's is the headline), pooled over seeds, with a hierarchical
 bootstrap interval (resample seeds, then the test questions within each resampled seed).
 
 The slope of a seed is the least-squares line through its (dose, rate) points; the pooled slope
@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from kmismatch_lite import scoring
+from kmismatch_lite.errors import missing_extra
 
 
 def _matrix(per_dose: Mapping[float, Sequence[bool]], doses: list[float]) -> np.ndarray:
@@ -31,7 +34,10 @@ def dose_slope(outcomes: Sequence[Mapping[float, Sequence[bool]]], n_boot: int =
 
     Returns the pooled slope with its percentile interval, each dose's pooled rate with its
     interval from the same resamples, and each seed's slope, intercept and rates."""
-    from scipy import stats as st
+    try:
+        from scipy import stats as st
+    except ImportError:
+        raise missing_extra("scipy", "stats") from None
 
     if not outcomes:
         raise ValueError("the dose-response slope needs at least one seed")
@@ -73,3 +79,16 @@ def _bootstrap(x: np.ndarray, mats: list[np.ndarray], n_boot: int,
     lines = np.polyfit(x, rates.reshape(-1, len(x)).T, 1)
     slopes = lines[0].reshape(n_boot, len(mats)).mean(axis=1)
     return slopes, rates.mean(axis=1)
+
+
+def by_verdict(samples: Sequence[Mapping[float, Sequence[dict]]], n_boot: int = 2000, seed: int = 0,
+               level: float = 0.95) -> dict[str, dict]:
+    """`dose_slope` of the correct, wrong and abstained rates, from `samples[s][dose]`: seed s's
+    evaluation rows (id, verdict) at that dose, the same test questions in the same order."""
+    for s, per_dose in enumerate(samples):
+        ids = [[r["id"] for r in rows] for rows in per_dose.values()]
+        if any(i != ids[0] for i in ids):
+            raise ValueError(f"seed {s}: the doses were not evaluated on the same questions in the same order")
+    return {v: dose_slope([{d: [r["verdict"] == v for r in rows] for d, rows in per_dose.items()}
+                           for per_dose in samples], n_boot, seed, level)
+            for v in scoring.VERDICTS}

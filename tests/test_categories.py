@@ -5,6 +5,7 @@ import pytest
 from kmismatch_lite import categories as cat
 from kmismatch_lite import prompts, scoring
 from kmismatch_lite.data import Question
+from kmismatch_lite.errors import KmmError
 
 C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED
 
@@ -70,12 +71,12 @@ def test_slick_templates_use_every_exemplar_set_when_the_pool_just_suffices():
     ts = cat.slick_templates(pool(4), k_prompts=4, shots=3)  # C(4, 3) = 4 sets
     assert len({exemplar_set(t) for t in ts}) == 4
     assert cat.slick_templates(pool(2), k_prompts=1, shots=3)[0].shots == 2  # as few_shot: all there is
-    with pytest.raises(ValueError, match="cannot make 5 prompts"):
+    with pytest.raises(KmmError, match="cannot make 5 prompts"):
         cat.slick_templates(pool(4), k_prompts=5, shots=3)
-    with pytest.raises(ValueError, match="cannot make 2 prompts"):
+    with pytest.raises(KmmError, match="cannot make 2 prompts"):
         cat.slick_templates(pool(4), k_prompts=2, shots=0)
     twins = [Question(f"e{i}", "Capital of France?", ["Paris"]) for i in range(5)]
-    with pytest.raises(ValueError, match="only 1 different exemplar sets for 2"):
+    with pytest.raises(KmmError, match="only 1 different exemplar sets for 2"):
         cat.slick_templates(twins, k_prompts=2, shots=3)
 
 
@@ -103,3 +104,15 @@ def test_breakdown_errors():
     with pytest.raises(ValueError, match="'Famous' is not a knowledge category"):
         cat.breakdown([sample("a", C)], {"a": "Famous"})
     assert cat.breakdown([sample("a", W)], {"a": cat.KNOWN})[cat.KNOWN]["share_of_wrong"] == 1.0
+
+
+def test_tables_from_runs():
+    runs = [[sample("a", C), sample("b", W)], [sample("b", C), sample("a", C)], [sample("a", A), sample("b", W)]]
+    table = cat.verdicts_by_question(runs)
+    assert table == {"a": [C, C, A], "b": [W, C, W]}
+    assert cat.categorize(table, cat.verdicts_by_question([])) == {"a": cat.MAYBE_KNOWN, "b": cat.MAYBE_KNOWN}
+    assert cat.categorize_cheap(runs[0]) == {"a": cat.KNOWN, "b": cat.UNKNOWN}
+    with pytest.raises(ValueError, match="same questions"):
+        cat.verdicts_by_question([[sample("a", C), sample("b", W)], [sample("a", C)]])
+    with pytest.raises(ValueError, match="same questions"):
+        cat.verdicts_by_question([[sample("a", C)], [sample("b", C)]])

@@ -157,3 +157,17 @@ def test_slope_input_errors():
         dose_response.dose_slope([exact_rates(0.1, 0.1), exact_rates(0.1, 0.1, doses=(0.0, 1.0))])
     with pytest.raises(ValueError, match="same, non-empty"):
         dose_response.dose_slope([{0.0: [True], 1.0: [True, False]}])
+
+
+def test_by_verdict_splits_the_three_rates():
+    verdicts = {0.0: [C, C, A, A], 0.5: [C, W, A, A], 1.0: [C, W, W, A]}
+    rows = {d: [{"id": f"t{i}", "verdict": v} for i, v in enumerate(vs)] for d, vs in verdicts.items()}
+    res = dose_response.by_verdict([rows], n_boot=50)
+    # rates: correct 1/2, 1/4, 1/4; wrong 0, 1/4, 1/2; abstained 1/2, 1/2, 1/4
+    assert res[C]["slope"] == pytest.approx(-0.25)
+    assert res[W]["slope"] == pytest.approx(0.5)
+    assert res[A]["slope"] == pytest.approx(-0.25)
+    assert res[W]["rates"] == pytest.approx([0.0, 0.25, 0.5])
+    rows[1.0] = rows[1.0][::-1]
+    with pytest.raises(ValueError, match="seed 0: the doses were not evaluated on the same questions"):
+        dose_response.by_verdict([rows])
