@@ -148,13 +148,30 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     t0 = time.perf_counter()
     done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar)
     res = done["results"]
-    ui.table(f"kmm run {r['name']}: {res['student']} (student), {res['teacher']} (teacher), "
-             f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
-    ui.out.print(report.verdict_text(res))
-    ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
+    if "points" in res:
+        _print_pooled(res)
+    else:
+        ui.table(f"kmm run {r['name']}: {res['student']} (student), {res['teacher']} (teacher), "
+                 f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
+        ui.out.print(report.verdict_text(res))
+        ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
     ui.out.print(f"report: {out / 'report.md'}")
-    ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({len(done['ran'])} stages run, "
+    cells = f"{len(res['cells'])} cells, " if "cells" in res else ""
+    ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({cells}{len(done['ran'])} stages run, "
                f"{len(done['reused'])} reused), outputs in {out}")
+
+
+def _print_pooled(res: dict) -> None:
+    """A many-seed run: per grid point, the table of seeds and the pooled answer in one sentence."""
+    from kmismatch_lite import report, ui
+
+    for entry in res["points"]:
+        where = f" at {report.point_label(entry['point'])}" if res["sweep"] else ""
+        ui.table(f"{res['student']} (student), {res['teacher']} (teacher){where}", report.SEED_COLUMNS,
+                 report.seed_rows(res, entry["point"]))
+        if entry["pooled"]:
+            ui.out.print(report.heterogeneity_text(entry["pooled"]))
+        ui.out.print(report.pooled_text(res, entry))
 
 
 @cli.command("report")
@@ -166,12 +183,17 @@ def report_cmd(runs: tuple[Path, ...]) -> None:
     if len(runs) > 2:
         raise KmmError("give one run folder, or two to compare")
     loaded = [report.load(r) for r in runs]
+    if len(loaded) == 1 and "points" in loaded[0]:
+        _print_pooled(loaded[0])
+        return
     if len(loaded) == 1:
         res = loaded[0]
         ui.table(f"{runs[0]}: {res['student']} (student), {res['teacher']} (teacher)", ui.TALLY_COLUMNS,
                  report.table_rows(res))
         ui.out.print(report.verdict_text(res))
         return
+    if any("points" in r for r in loaded):
+        raise KmmError("a many-cell run compares by its cell folders (RUN/seed-N/...), not as a whole")
     ui.table("comparison", ["figure", str(runs[0]), str(runs[1]), "change"], report.compare_rows(*loaded))
 
 
