@@ -110,7 +110,8 @@ questions, {res['n_test']} test questions (no subject shared with training).
 ## Caveats
 
 - Small models and a small test set: a difference can be real yet not significant here, and one
-  run is one seed. Run several seeds (`-s seed=N`) and compare them with `kmm report A B`.
+  run is one seed; seeds differ by more than this interval shows. Run several seeds
+  (`-s seeds=0,1,2,3,4`, or `recipes/classroom.toml`) to pool them with their spread.
 - Answers are scored by containment of a gold alias after normalisation, so a long answer that
   names several candidates can count as correct; exact match is reported beside it.
 - The fine-tuned students are trained and tested on the zero-shot prompt, the base models on the

@@ -96,22 +96,26 @@ def random_effects(effects: Sequence[float], variances: Sequence[float], level: 
     """DerSimonian-Laird random-effects pooling (statsmodels): the pooled effect with its
     Hartung-Knapp interval (t with k-1 df, honest for few seeds) and the plain normal one, the
     between-seed SD tau, Cochran's Q with its p-value, I², and the fixed-effect estimate."""
-    from scipy import stats as st
     from statsmodels.stats.meta_analysis import combine_effects
 
-    k = len(effects)
     res = combine_effects(np.asarray(effects, float), np.asarray(variances, float), method_re="dl",
                           alpha=1 - level)
-    ci_fe, ci_re = res.conf_int(alpha=1 - level, use_t=False)[:2]
-    ci_re_hk = res.conf_int(alpha=1 - level, use_t=True)[3]
+    ci_fe, ci_re, _, _ = res.conf_int(alpha=1 - level, use_t=False)
+    _, _, ci_fe_hk, ci_re_hk = res.conf_int(alpha=1 - level, use_t=True)
+    if res.tau2 < 0:
+        # statsmodels leaves the moment estimate untruncated when Q < k-1; DerSimonian-Laird
+        # truncates tau² at 0, where the random-effects model is the fixed-effect one.
+        estimate, ci_re, ci_re_hk = res.mean_effect_fe, ci_fe, ci_fe_hk
+    else:
+        estimate = res.mean_effect_re
     return {
-        "estimate": float(res.mean_effect_re),
+        "estimate": float(estimate),
         "ci": [float(ci_re_hk[0]), float(ci_re_hk[1])],
         "ci_normal": [float(ci_re[0]), float(ci_re[1])],
-        "tau": float(np.sqrt(res.tau2)),
+        "tau": float(np.sqrt(max(res.tau2, 0.0))),
         "q": float(res.q),
-        "q_p": float(st.chi2.sf(res.q, k - 1)),
-        "i2": float(res.i2),
+        "q_p": float(res.test_homogeneity().pvalue),
+        "i2": float(max(res.i2, 0.0)),
         "fixed_estimate": float(res.mean_effect_fe),
         "fixed_ci": [float(ci_fe[0]), float(ci_fe[1])],
     }

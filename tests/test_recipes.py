@@ -155,3 +155,16 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, axis, msg):
         recipes.load(path)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
 
+
+
+@pytest.mark.parametrize("setting, msg", [
+    ("seeds=0,x", "setting 'seeds': bad value"),
+    ("sweep.finetune.lora.epochs=1,0", "sweep finetune.lora.epochs=0: fine-tune setting 'epochs' is out of range"),
+])
+def test_bad_seeds_or_sweep_on_the_command_line_is_one_line(tmp_path, setting, msg):
+    from conftest import run_kmm
+
+    out = tmp_path / "run"
+    proc = run_kmm("run", "smoke", "--out", str(out), "-s", setting, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and msg in proc.stderr
+    assert not out.exists()

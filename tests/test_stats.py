@@ -168,3 +168,21 @@ def test_pool_seeds_puts_the_pieces_together():
     assert lo < re["estimate"] < hi
     assert p["seed_sd"] == pytest.approx((re["tau"] ** 2 + sum(s**2 for s in p["standard_errors"]) / 4) ** 0.5)
     assert p["seeds_for_2_points"] == stats.seeds_needed(p["seed_sd"])
+
+
+def test_random_effects_with_less_spread_than_chance_truncates_tau_at_zero():
+    # Q below its degrees of freedom: DerSimonian-Laird's tau² is 0, and the random-effects
+    # estimate and intervals are the fixed-effect ones (inverse-variance, Hartung-Knapp scale).
+    d, v = [0.010, 0.012, 0.011], [0.0004, 0.0004, 0.0001]
+    w = [1 / x for x in v]
+    fixed = sum(wi * di for wi, di in zip(w, d)) / sum(w)
+    q = sum(wi * (di - fixed) ** 2 for wi, di in zip(w, d))
+    assert q < 2
+    re = stats.random_effects(d, v)
+    assert re["tau"] == 0.0 and re["i2"] == 0.0
+    assert re["estimate"] == pytest.approx(fixed) and re["q"] == pytest.approx(q)
+    se = (1 / sum(w)) ** 0.5
+    assert re["ci_normal"] == pytest.approx([fixed - 1.959963984540054 * se, fixed + 1.959963984540054 * se])
+    se_hk = (q / 2 / sum(w)) ** 0.5
+    t2 = 4.302652729911275  # t quantile, 2 degrees of freedom
+    assert re["ci"] == pytest.approx([fixed - t2 * se_hk, fixed + t2 * se_hk])
