@@ -234,7 +234,7 @@ def pooled_text(res: dict, entry: dict) -> str:
     head = (f"Over {p['seeds']} seeds, fine-tuning on the teacher's answers instead of its own changed "
             f"the student's wrong-answer rate by {_pts(re['estimate'])} points on average (95% interval "
             f"{_pts(lo)} to {_pts(hi)}, seeds as a random effect)")
-    spread = (f"seeds differ by {100 * re['tau']:.1f} points (SD), and about {p['seeds_for_2_points']} "
+    spread = (f"the between-seed SD is {100 * re['tau']:.1f} points, and about {p['seeds_for_2_points']} "
               f"seeds would pin the average to +/-2 points")
     if entry["conclusion"] == "undecided":
         return (f"{head}: the interval includes zero, so these seeds cannot say whether the teacher's "
@@ -252,25 +252,25 @@ def seed_rows(res: dict, point: dict) -> list[list[str]]:
     for c in (c for c in res["cells"] if c["point"] == point):
         h, cond = c["hypothesis"], c["conditions"]
         lo, hi = h["bootstrap_95ci"]
-        rows.append([f"seed {c['seed']}", f"{h['wrong_teacher']} vs {h['wrong_self']}",
+        rows.append([f"seed {c['seed']}", f"{h['wrong_teacher']} / {h['wrong_self']}",
                      f"{_pts(h['wrong_rate_difference'])} [{_pts(lo)}, {_pts(hi)}]", f"{h['mcnemar_p']:.3g}",
-                     f"{cond['self']['abstained']} / {cond['teacher']['abstained']} of {c['n_test']}",
+                     f"{cond['teacher']['abstained']} / {cond['self']['abstained']}", c["n_test"],
                      f"{c['finetune_sets']['mismatch_rate']:.1%}"])
     p = next(e for e in res["points"] if e["point"] == point)["pooled"]
     if p:
         re, st = p["random_effects"], p["stratified"]
         b_lo, b_hi = p["hierarchical_bootstrap_95ci"]
-        rows += [["pooled: random effects", "", f"{_pts(re['estimate'])} [{_pts(re['ci'][0])}, {_pts(re['ci'][1])}]",
-                  "", "", ""],
-                 ["pooled: hierarchical bootstrap", "", f"[{_pts(b_lo)}, {_pts(b_hi)}]", "", "", ""],
-                 ["fixed effect: seeds as strata", f"{st['a_only']} vs {st['b_only']} discordant",
+        rows += [["random effects", "", f"{_pts(re['estimate'])} [{_pts(re['ci'][0])}, {_pts(re['ci'][1])}]",
+                  "", "", "", ""],
+                 ["hierarchical bootstrap", "", f"[{_pts(b_lo)}, {_pts(b_hi)}]", "", "", "", ""],
+                 ["fixed effect", f"{st['a_only']} / {st['b_only']} only",
                   f"{_pts(re['fixed_estimate'])} [{_pts(re['fixed_ci'][0])}, {_pts(re['fixed_ci'][1])}]",
-                  f"{st['exact_p']:.3g}", "", ""]]
+                  f"{st['exact_p']:.3g}", "", "", ""]]
     return rows
 
 
-SEED_COLUMNS = ["seed", "wrong: teacher vs self", "difference, points (95%)", "p (exact)",
-                "abstained: self / teacher", "mismatch rate"]
+# t / s: the student fine-tuned on the teacher's set / on its own set
+SEED_COLUMNS = ["", "wrong t / s", "difference (95%)", "p", "abstained t / s", "n", "mismatch"]
 
 
 def heterogeneity_text(p: dict) -> str:
@@ -291,7 +291,8 @@ def pooled_markdown(res: dict) -> str:
         table = (f"| {' | '.join(SEED_COLUMNS)} |\n|{'---|' * len(SEED_COLUMNS)}\n"
                  + "".join(f"| {' | '.join(map(str, r))} |\n" for r in rows))
         extra = heterogeneity_text(e["pooled"]) if e["pooled"] else ""
-        sections.append(f"### {point_label(e['point'])}\n\n{table}\n{extra}\n")
+        title = point_label(e["point"]) if res["sweep"] else "Seeds"
+        sections.append(f"### {title}\n\n{table}\n{extra}\n")
     cells = ", ".join(f"[{c['folder']}]({c['folder']}/report.md)" for c in res["cells"])
     return f"""# Knowledge mismatch over seeds: {res['student']} (student) and {res['teacher']} (teacher)
 
@@ -309,7 +310,9 @@ Hypothesis: {res['statement']}.
 
 - **difference**: wrong-answer rate of the student fine-tuned on the teacher's answers minus that of
   the student fine-tuned on its own, in percentage points; above zero is what the hypothesis predicts.
-  Each seed's interval is its bootstrap over test questions, its p McNemar's exact test.
+  Each seed's interval is its bootstrap over test questions, its p McNemar's exact test. **t / s**:
+  the student fine-tuned on the teacher's set / on its own; in the fixed-effect row, the questions
+  only one of them got wrong.
 - A seed fixes the split, the few-shot exemplars, the data order and the LoRA initialisation, so
   seeds differ by more than their own intervals show. The **random-effects** estimate treats the seed
   as a random effect (DerSimonian-Laird), with a Hartung-Knapp interval (t with seeds - 1 degrees of

@@ -85,7 +85,7 @@ def test_report_leads_with_the_pooled_sentence_then_a_table_per_seed(pooled_run)
     assert ("interval includes zero" in first) == (res["points"][0]["conclusion"] == "undecided")
     for seed in range(4):
         assert f"| seed {seed} |" in text
-    assert "pooled: random effects" in text and "Cochran's Q" in text and "I²" in text
+    assert "| random effects |" in text and "Cochran's Q" in text and "I²" in text
     assert "forest.png" in text and (out / "forest.png").stat().st_size > 1000
 
 
@@ -94,7 +94,7 @@ def test_pooled_sentence_says_what_the_interval_allows():
             "random_effects": {"estimate": 0.04, "ci": [-0.05, 0.13], "tau": 0.065}}
     text = report.pooled_text({}, {"pooled": base, "conclusion": "undecided"})
     assert "+4.0 points" in text and "-5.0 to +13.0" in text and "not evidence of no effect" in text
-    assert "6.5 points" in text and "about 50 seeds" in text
+    assert "between-seed SD is 6.5 points" in text and "about 50 seeds" in text
     above = {**base, "random_effects": {**base["random_effects"], "ci": [0.01, 0.07]}}
     text = report.pooled_text({}, {"pooled": above, "conclusion": "more wrong answers"})
     assert "more wrong answers" in text and "does not say that every seed" in text
@@ -104,7 +104,7 @@ def test_kmm_report_prints_the_pooled_answer(pooled_run):
     out, _, _ = pooled_run
     proc = run_kmm("report", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "Over 4 seeds" in proc.stdout and "seed 3" in proc.stdout and "pooled: random effects" in proc.stdout
+    assert "Over 4 seeds" in proc.stdout and "seed 3" in proc.stdout and "random effects" in proc.stdout
     proc = run_kmm("report", str(out / "seed-1" / "report.bootstrap=500"))
     assert proc.returncode == 0 and "base_teacher" in proc.stdout
     proc = run_kmm("report", str(out), str(out))
