@@ -337,7 +337,7 @@ def forest(res: dict, path: Path) -> bool:
     except ImportError:
         return False
     rows = _forest_rows(res)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     for y, (label, est, lo, hi, pooled) in enumerate(reversed(rows)):
         if pooled:
             ax.fill([lo, est, hi, est], [y, y + 0.3, y, y - 0.3], color="#1565c0")

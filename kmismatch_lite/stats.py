@@ -72,13 +72,13 @@ HALF_WIDTH = 0.02  # the interval half-width the "seeds needed" figure is for: +
 
 def require_pooling() -> None:
     """Fail early, before any stage runs, if the pooled statistics' libraries are missing."""
-    try:
-        import scipy  # noqa: F401
-        import statsmodels  # noqa: F401
-    except ImportError:
-        from kmismatch_lite.errors import KmmError
+    from kmismatch_lite.errors import missing_extra
 
-        raise KmmError("pooling seeds needs scipy and statsmodels: pip install 'kmismatch_lite[stats]'") from None
+    for package in ("scipy", "statsmodels"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise missing_extra(package, "stats") from None
 
 
 def paired_difference(wrong_a: Sequence[bool], wrong_b: Sequence[bool]) -> tuple[float, float]:
