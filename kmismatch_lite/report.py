@@ -292,7 +292,7 @@ def pooled_markdown(res: dict) -> str:
                  + "".join(f"| {' | '.join(map(str, r))} |\n" for r in rows))
         extra = heterogeneity_text(e["pooled"]) if e["pooled"] else ""
         title = point_label(e["point"]) if res["sweep"] else "Seeds"
-        sections.append(f"### {title}\n\n{table}\n{extra}\n")
+        sections.append(f"### {title}\n\n{table}\n{extra}\n\n")
     cells = ", ".join(f"[{c['folder']}]({c['folder']}/report.md)" for c in res["cells"])
     return f"""# Knowledge mismatch over seeds: {res['student']} (student) and {res['teacher']} (teacher)
 
@@ -316,7 +316,7 @@ Hypothesis: {res['statement']}.
 - A seed fixes the split, the few-shot exemplars, the data order and the LoRA initialisation, so
   seeds differ by more than their own intervals show. The **random-effects** estimate treats the seed
   as a random effect (DerSimonian-Laird), with a Hartung-Knapp interval (t with seeds - 1 degrees of
-  freedom); the **hierarchical bootstrap** resamples seeds, then questions within each seed. These
+  freedom, never narrower than at scale 1); the **hierarchical bootstrap** resamples seeds, then questions within each seed. These
   are the answer. The **fixed effect** (inverse-variance estimate; the stratified exact test on the
   discordant pairs pooled over seeds, Cochran-Mantel-Haenszel for matched pairs) treats these seeds
   as all there is, so it claims more certainty than the experiment has.

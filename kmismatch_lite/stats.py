@@ -98,19 +98,23 @@ def random_effects(effects: Sequence[float], variances: Sequence[float], level: 
     between-seed SD tau, Cochran's Q with its p-value, I², and the fixed-effect estimate."""
     from statsmodels.stats.meta_analysis import combine_effects
 
-    res = combine_effects(np.asarray(effects, float), np.asarray(variances, float), method_re="dl",
-                          alpha=1 - level)
-    ci_fe, ci_re, _, _ = res.conf_int(alpha=1 - level, use_t=False)
-    _, _, ci_fe_hk, ci_re_hk = res.conf_int(alpha=1 - level, use_t=True)
+    # An untruncated negative tau² can zero a weight's denominator; those figures are replaced below.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = combine_effects(np.asarray(effects, float), np.asarray(variances, float), method_re="dl",
+                              alpha=1 - level)
+        ci_fe, ci_re = res.conf_int(alpha=1 - level, use_t=False)[:2]
+        ci_fe_t, ci_re_t, ci_fe_hk, ci_re_hk = res.conf_int(alpha=1 - level, use_t=True)
+    estimate = res.mean_effect_re
     if res.tau2 < 0:
         # statsmodels leaves the moment estimate untruncated when Q < k-1; DerSimonian-Laird
         # truncates tau² at 0, where the random-effects model is the fixed-effect one.
-        estimate, ci_re, ci_re_hk = res.mean_effect_fe, ci_fe, ci_fe_hk
-    else:
-        estimate = res.mean_effect_re
+        estimate, ci_re, ci_re_t, ci_re_hk = res.mean_effect_fe, ci_fe, ci_fe_t, ci_fe_hk
+    # Seeds that happen to agree shrink the Hartung-Knapp scale towards 0 and the interval with
+    # it; the usual modification keeps it no narrower than the t interval at scale 1.
+    ci = ci_re_hk if ci_re_hk[1] - ci_re_hk[0] >= ci_re_t[1] - ci_re_t[0] else ci_re_t
     return {
         "estimate": float(estimate),
-        "ci": [float(ci_re_hk[0]), float(ci_re_hk[1])],
+        "ci": [float(ci[0]), float(ci[1])],
         "ci_normal": [float(ci_re[0]), float(ci_re[1])],
         "tau": float(np.sqrt(max(res.tau2, 0.0))),
         "q": float(res.q),

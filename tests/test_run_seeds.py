@@ -16,7 +16,7 @@ pytest.importorskip("peft", reason="needs the torch extra")
 pytest.importorskip("statsmodels", reason="needs the stats extra")
 
 # Smaller than smoke's own sizes: this runs three seeds, each at two grid points.
-SIZES = ("-s", "data.train=16", "-s", "data.test=12")
+SIZES = ("-s", "data.train=12", "-s", "data.test=8")
 GRID = ("-s", "sweep.finetune.lora.rank=4,8")
 
 

@@ -54,6 +54,7 @@ def test_random_effects_on_the_five_quickstart_seeds():
     assert re["q"] == pytest.approx(hand["q"], rel=1e-9)
     assert re["i2"] == pytest.approx(hand["i2"], rel=1e-9)
     assert re["ci_normal"] == pytest.approx(hand["ci_normal"], rel=1e-6)
+    # Hartung-Knapp, wider here than the t interval at scale 1, so no modification applies
     assert re["ci"] == pytest.approx(hand["ci_hk"], rel=1e-6)
     # what the figures say: seeds spread by some 6-7 points, almost all of it between seeds, and
     # the pooled interval includes zero although three seeds were "significant" on their own
@@ -147,5 +148,17 @@ def test_random_effects_with_less_spread_than_chance_truncates_tau_at_zero():
     se = (1 / sum(w)) ** 0.5
     assert re["ci_normal"] == pytest.approx([fixed - 1.959963984540054 * se, fixed + 1.959963984540054 * se])
     se_hk = (q / 2 / sum(w)) ** 0.5
+    assert se_hk < se  # so the modified Hartung-Knapp interval uses the scale-1 standard error
     t2 = 4.302652729911275  # t quantile, 2 degrees of freedom
-    assert re["ci"] == pytest.approx([fixed - t2 * se_hk, fixed + t2 * se_hk])
+    assert re["ci"] == pytest.approx([fixed - t2 * se, fixed + t2 * se])
+
+
+@needs_stats
+def test_seeds_that_agree_exactly_still_get_an_interval():
+    # Two seeds with the same difference: Q = 0 and the plain Hartung-Knapp scale is 0; the
+    # interval falls back to t (1 df) times the fixed-effect standard error, not to a point.
+    re = stats.random_effects([-0.125, -0.125], [0.01, 0.01])
+    se = (1 / (100 + 100)) ** 0.5
+    t1 = 12.706204736174707  # t quantile, 1 degree of freedom
+    assert re["estimate"] == pytest.approx(-0.125)
+    assert re["ci"] == pytest.approx([-0.125 - t1 * se, -0.125 + t1 * se])
