@@ -47,9 +47,11 @@ class Run:
     def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
         """Reuse the stage's folder if its key matches `inputs`, else run `work(tmp_dir)`
         atomically; a stage another cell of this run already has is not looked at again."""
-        if stage.folder in self.done:
-            return self.done[stage.folder]
         folder, key = self.out / stage.folder, _key(inputs)
+        if stage.folder in self.done:
+            if self.done[stage.folder][1] != key:
+                raise RuntimeError(f"the plan gives stage {stage.folder} two sets of inputs")
+            return self.done[stage.folder]
         marker = folder / "stage.json"
         if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
             self.reused.append(stage.folder)
@@ -314,5 +316,6 @@ def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, prog
     cell_results = _run_cells(run, the_plan, models)
     _record_served(out, first, models[first.folder])
     results = report.write_pooled(out, the_plan, cell_results) if the_plan.multi else cell_results[0]
-    log(f"stages run: {', '.join(run.ran) or 'none'}; reused: {', '.join(run.reused) or 'none'}")
+    reused = f"{len(run.reused)} reused" if the_plan.multi else f"reused: {', '.join(run.reused) or 'none'}"
+    log(f"stages run: {', '.join(run.ran) or 'none'}; {reused}")
     return {"results": results, "seconds": time.perf_counter() - t_start, "ran": run.ran, "reused": run.reused}

@@ -103,3 +103,25 @@ def test_folder_names_quote_values_that_are_paths():
 def test_points_and_cells_at(settings):
     p = build(*settings)
     assert sum(len(p.cells_at(pt)) for pt in p.points()) == len(p.cells)
+
+
+def test_the_runner_computes_a_shared_stage_once_and_reuses_it_on_rerun(tmp_path):
+    from kmismatch_lite.run import Run
+
+    p = build("seeds=0,1", "sweep.finetune.lora.rank=4,8")
+    calls = []
+
+    def run_all(run):
+        for cell in p.cells:
+            for stage in cell.stages.values():
+                run.stage(stage, {"stage": stage.folder}, lambda tmp, f=stage.folder: calls.append(f))
+
+    first = Run(tmp_path, log=lambda message: None)
+    run_all(first)
+    assert sorted(calls) == sorted(s.folder for s in p.stages()) and len(calls) == len(set(calls))
+    assert first.ran == calls and first.reused == []
+    again = Run(tmp_path, log=lambda message: None)
+    run_all(again)
+    assert len(calls) == len(p.stages()) and again.ran == [] and len(again.reused) == len(p.stages())
+    with pytest.raises(RuntimeError, match="two sets of inputs"):
+        again.stage(p.cells[0].stages["data"], {"stage": "something else"}, lambda tmp: None)
