@@ -137,10 +137,12 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default runs/<recipe name>).")
 @click.option("-s", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe setting, e.g. -s data.test=100 (repeatable).")
+              help="Override a recipe setting, e.g. -s data.test=100, -s seeds=0,1,2 or "
+                   "-s sweep.finetune.lora.epochs=1,2 (repeatable).")
 def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
-    fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report."""
+    fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
+    several seeds or a sweep, every cell runs and the seeds are pooled per grid point."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)
@@ -177,7 +179,8 @@ def _print_pooled(res: dict) -> None:
 @cli.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def report_cmd(runs: tuple[Path, ...]) -> None:
-    """Print the results table of RUN_DIR, or compare two run folders side by side."""
+    """Print the results of RUN_DIR (pooled over seeds for a many-seed run), or compare two
+    single-seed run folders side by side."""
     from kmismatch_lite import report, ui
 
     if len(runs) > 2:
