@@ -1,8 +1,9 @@
 """How fast does `kmm check`'s llama.cpp generator answer, against a plain llama-cpp-python loop?
 
 For each bundled model, two conditions: the base with the 3-shot prompt, and the zero-shot prompt
-with a LoRA adapter (a random one shaped as `kmm finetune` makes them: rank 8 on every attention
-and MLP projection, small enough that answers stay those of the base; its cost is what matters).
+with a LoRA adapter (shaped as `kmm finetune` makes them: rank 8 on every attention and MLP
+projection; B is zero, as at initialisation, so answers stay the base's while llama.cpp still
+computes every LoRA product: its cost is what matters here).
 Each condition answers the geonames test questions greedily (stop at newline, 16 tokens at most)
 with the plain create_completion loop and with kmm's generator at each `--parallel` setting
 (1 = one prompt at a time). On a shared machine load drifts within a minute, so the runs are
@@ -32,8 +33,8 @@ from kmismatch_lite.export_gguf import export_lora_gguf, read_metadata
 from kmismatch_lite.finetune import TARGET_MODULES
 
 
-def random_adapter(model: cards.Model, path: Path, rank: int = 8, scale: float = 0.002) -> Path:
-    """A random LoRA with the shapes of `kmm finetune`'s default adapter for `model`."""
+def zero_adapter(model: cards.Model, path: Path, rank: int = 8) -> Path:
+    """A LoRA with the shapes of `kmm finetune`'s default adapter for `model`, B = 0."""
     meta = read_metadata(model.gguf_path)
     arch = meta["general.architecture"]
     d, ff, h = (meta[f"{arch}.{k}"] for k in ("embedding_length", "feed_forward_length", "attention.head_count"))
@@ -44,7 +45,7 @@ def random_adapter(model: cards.Model, path: Path, rank: int = 8, scale: float =
     part = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in shapes}
     rng = np.random.default_rng(0)
     lora = {f"model.layers.{i}.{part[m]}.{m}": (rng.standard_normal((rank, n_in)).astype(np.float32),
-                                                (scale * rng.standard_normal((n_out, rank))).astype(np.float32))
+                                                np.zeros((n_out, rank), np.float32))
             for i in range(meta[f"{arch}.block_count"]) for m, (n_in, n_out) in shapes.items() if m in TARGET_MODULES}
     return export_lora_gguf(lora, alpha=16.0, base=model, out_path=path)
 
@@ -61,10 +62,10 @@ def plain_loop(llm, rendered: list[str]) -> list[str]:
 def runners(model: cards.Model, adapter: Path | None, parallels: list[int], threads: int):
     """Name -> answer(prompts) for the plain loop and kmm's generator at each parallel setting,
     and the objects to close afterwards."""
-    from llama_cpp import Llama
+    from kmismatch_lite.backends.llamacpp import _quiet_llama
 
-    plain = Llama(model_path=str(model.gguf_path), n_ctx=1024, seed=0, n_threads=threads, n_batch=512,
-                  n_gpu_layers=0, verbose=False, lora_path=str(adapter) if adapter else None)
+    plain = _quiet_llama(model_path=str(model.gguf_path), n_ctx=1024, seed=0, n_threads=threads, n_batch=512,
+                         n_gpu_layers=0, lora_path=str(adapter) if adapter else None)
     out: dict[str, Callable] = {"plain": lambda chunk: plain_loop(plain, chunk)}
     opened = [plain]
     for p in parallels:
@@ -120,7 +121,7 @@ def main() -> None:
             model = cards.resolve(name)
             for form in args.forms.split(","):
                 lora = form.endswith("+lora")
-                adapter = random_adapter(model, Path(tmp) / f"{name}.gguf") if lora else None
+                adapter = zero_adapter(model, Path(tmp) / f"{name}.gguf") if lora else None
                 render = prompts.zero_shot if form.startswith("zero-shot") else template.render
                 rendered = [render(q.question) for q in questions]
                 print(f"{name}, {form}:", flush=True)

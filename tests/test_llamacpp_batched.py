@@ -27,8 +27,9 @@ from kmismatch_lite.errors import KmmError
 STUDENT, TEACHER = "smollm2-135m-instruct", "gemma-3-270m"
 N_QUESTIONS = 200
 MIN_AGREEMENT = 0.9
-# A random LoRA on every layer's v projection: (layers, in, out) of each bundled model.
-V_PROJ = {STUDENT: (30, 576, 192), TEACHER: (18, 640, 256)}
+# A random LoRA on every layer's v projection: (layers, in, out, scale of B) for each bundled model;
+# the scale changes answers without turning them into noise (Gemma's activations are larger).
+V_PROJ = {STUDENT: (30, 576, 192, 1.0), TEACHER: (18, 640, 256, 0.1)}
 
 
 def test_shared_prefix_leaves_a_token_of_each_prompt():
@@ -59,11 +60,11 @@ def _answers(model, rendered, *, parallel: int, adapter=None, max_tokens=prompts
 def _random_adapter(name: str, model, path):
     from kmismatch_lite.export_gguf import export_lora_gguf
 
-    n_layers, n_in, n_out = V_PROJ[name]
+    n_layers, n_in, n_out, scale = V_PROJ[name]
     rng = np.random.default_rng(0)
     lora = {f"model.layers.{i}.self_attn.v_proj": (
         rng.standard_normal((4, n_in)).astype(np.float32) / np.sqrt(n_in),
-        rng.standard_normal((n_out, 4)).astype(np.float32)) for i in range(n_layers)}
+        (scale * rng.standard_normal((n_out, 4))).astype(np.float32)) for i in range(n_layers)}
     return export_lora_gguf(lora, alpha=4.0, base=model, out_path=path)
 
 
