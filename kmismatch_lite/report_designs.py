@@ -217,6 +217,8 @@ def figures(entries: list[tuple[str, dict]], res: dict, out: Path) -> None:
     for kind, draw in (("dose", _dose_panel), ("categories", _categories_panel)):
         panels = [(label, e[kind]) for label, e in entries if kind in e]
         if not panels:
+            # A rerun without the design must not leave an earlier run's figure beside the report.
+            (out / f"{kind}.png").unlink(missing_ok=True)
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
         for ax, (label, section) in zip(axes[0], panels):

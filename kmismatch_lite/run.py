@@ -3,9 +3,10 @@
 The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
-fine-tune and an evaluation per dose, and the SliCK prompts' evaluations. Each stage writes its folder atomically with a `stage.json`
-holding a key over its inputs; a stage whose key is unchanged is reused, and a stage that several
-cells share runs once. With several seeds, the report pools them (report.py, stats.py).
+fine-tune and an evaluation per dose, and the SliCK prompts' evaluations. Each stage writes its
+folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
+unchanged is reused, and a stage that several cells share runs once. With several seeds, the
+report pools them (report.py, stats.py).
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ class CellRun:
 
     def finetune_doses(self, gen: dict, sets_dir: Path, self_adapter: tuple[Path, str]) -> dict[str, tuple[Path, str]]:
         """A LoRA per dose; dose 0 is the self set, so it takes the self fine-tune (checked)."""
-        dose_dir, dose_key = self.dose_sets(gen)
+        dose_dir, _ = self.dose_sets(gen)
         adapters = {}
         for d in map(float, self.recipe["design"]["doses"]):
             name = dose.dose_name(d)
@@ -257,7 +258,9 @@ class CellRun:
                     raise RuntimeError("the dose-0 set differs from the self set it shares stages with")
                 adapters[name] = self_adapter
             else:
-                adapters[name] = self._finetune(name, dose_dir / f"{name}.jsonl", {"dose_sets": dose_key, "set": name})
+                # Keyed by the set's content: a dose added later leaves the other doses' fine-tunes be.
+                path = dose_dir / f"{name}.jsonl"
+                adapters[name] = self._finetune(name, path, {"set_sha256": sha256_file(path), "set": name})
         self.dose_stats = json.loads((dose_dir / "stats.json").read_text())
         return adapters
 
@@ -296,8 +299,6 @@ class CellRun:
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
     """Every stage of one cell, then its results, report and samples in the cell's folder."""
-    from kmismatch_lite import report, report_designs
-
     c = CellRun(run, cell, models)
     data_key = c.data()
     gen = c.generate(data_key)
@@ -308,12 +309,21 @@ def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> d
     evaluated = c.evaluate(data_key, adapters)
     cats = c.categories(data_key, evaluated["base_student"][0])
     set_stats = json.loads((sets_dir / "stats.json").read_text())
+    return _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats)
+
+
+def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None) -> dict:
+    """results.json, report.md, figures, samples and categories.json of one cell."""
+    from kmismatch_lite import report, report_designs
+
     paper = {cond: evaluated[cond] for cond in CONDITIONS}
-    res = report.results(cell.recipe, paper, set_stats, models)
-    res.update(report_designs.cell_results(cell.recipe, evaluated, c.dose_stats, cats))
+    res = report.results(c.recipe, paper, set_stats, c.models)
+    res.update(report_designs.cell_results(c.recipe, evaluated, c.dose_stats, cats))
     if cats is not None:
-        write_json(run.out / cell.folder / "categories.json", cats)
-    report.write(run.out / cell.folder, res, {cond: s for cond, (s, _) in evaluated.items()})
+        write_json(out / "categories.json", cats)
+    else:
+        (out / "categories.json").unlink(missing_ok=True)
+    report.write(out, res, {cond: s for cond, (s, _) in evaluated.items()})
     return res
 
 

@@ -142,8 +142,8 @@ def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
     assert pooled["dose"]["response"][W]["seeds"] == 2
     assert pooled["dose"]["mismatch_answered"] == [0, 3]
     k = pooled["categories"]["by_condition"]["dose-1"]
-    assert k["Known"]["n"] == 4 and k["Known"]["wrong"] == cells[0]["categories"]["by_condition"]["dose-1"]["Known"]["wrong"] \
-        + cells[1]["categories"]["by_condition"]["dose-1"]["Known"]["wrong"]
+    per_seed = [c["categories"]["by_condition"]["dose-1"]["Known"]["wrong"] for c in cells]
+    assert k["Known"]["n"] == 4 and k["Known"]["wrong"] == sum(per_seed)
     assert sum(v["share_of_wrong"] for v in k.values()) == pytest.approx(1.0)
     assert pooled["categories"]["seeds"] == 2
 
@@ -160,3 +160,31 @@ def test_tables_markdown_and_figures(tmp_path):
     report_designs.figures([("", res)], res, tmp_path)
     assert (tmp_path / "dose.png").stat().st_size > 1000 and (tmp_path / "categories.png").stat().st_size > 1000
     assert report_designs.markdown({}) == "" and report_designs.tables({}) == []
+
+
+def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import run_kmm
+    from kmismatch_lite import report
+
+    p = plan.build(load("seeds=0,1", "design.doses=0,1", "design.categories=cheap", "report.bootstrap=200"))
+    models = {role: SimpleNamespace(name=role) for role in ("student", "teacher")}
+    results = []
+    for c, shift in zip(p.cells, (0, 2)):
+        ev = evaluated(shift)
+        for cond, (samples, _) in ev.items():
+            write_jsonl(tmp_path / c.folder / "samples" / f"{cond}.jsonl", samples)
+        paper = {k: ev[k] for k in ("base_student", "self", "teacher", "base_teacher")}
+        res = report.results(c.recipe, paper, {"n": 6, "mismatch_rate": 0.5}, models)
+        results.append({**res, **cell(ev)})
+    res = report.write_pooled(tmp_path, p, results)
+    entry = res["points"][0]
+    assert entry["dose"]["response"][W]["seeds"] == 2 and entry["categories"]["seeds"] == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "#### Mismatch dose" in md and "#### Knowledge categories" in md and "Over 2 seeds" in md
+    assert md.count("(dose.png)") == 1
+    assert (tmp_path / "dose.png").is_file() and (tmp_path / "categories.png").is_file()
+    proc = run_kmm("report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Mismatch dose" in proc.stdout and "summed over seeds" in proc.stdout
