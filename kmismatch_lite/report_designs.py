@@ -104,18 +104,23 @@ def _pts(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _count(x: float) -> str:
+    # Pooled over seeds these are means; one decimal says so without a run of digits.
+    return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
+
+
 def _rate(res: dict, i: int) -> str:
     lo, hi = res["rates_ci"][i]
     return f"{_pts(res['rates'][i])}% [{_pts(lo)}, {_pts(hi)}]"
 
 
-DOSE_COLUMNS = ["dose", "mismatch facts answered", "correct (95%)", "wrong (95%)", "abstained (95%)"]
+DOSE_COLUMNS = ["dose", "mismatch facts answered (per seed)", "correct (95%)", "wrong (95%)", "abstained (95%)"]
 
 
 def dose_rows(section: dict) -> list[list[str]]:
     """One row per dose: the facts of the mismatch pool it answers, and each verdict's rate."""
     r = section["response"]
-    return [[f"{d:g}", f"{section['mismatch_answered'][i]:g} of {section['mismatch_pool']:g}",
+    return [[f"{d:g}", f"{_count(section['mismatch_answered'][i])} of {_count(section['mismatch_pool'])}",
              *(_rate(r[v], i) for v in scoring.VERDICTS)] for i, d in enumerate(section["doses"])]
 
 

@@ -86,3 +86,14 @@ def test_cheap_categories_rerun_reuses_every_stage(designed):
     assert res["categories"]["mode"] == "cheap" and set(res["categories"]["counts"]) <= {"Known", "Unknown"}
     base = [json.loads(x)["verdict"] for x in (out / "samples" / "base_student.jsonl").read_text().splitlines()]
     assert res["categories"]["counts"].get("Known", 0) == base.count("correct")
+
+
+def test_a_dose_added_later_runs_only_its_own_stages(designed):
+    out, _ = designed
+    proc = kmm_run(out, "-s", "design.doses=0,0.5,1")
+    ran = re.findall(r"stage (\S+): running", proc.stderr)
+    assert sorted(ran) == ["dose_sets", "evaluate/dose-0.5", "finetune/dose-0.5"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["dose"]["doses"] == [0.0, 0.5, 1.0] and "categories" not in res
+    assert not (out / "categories.png").exists() and not (out / "categories.json").exists()
+    assert (out / "dose.png").is_file()
