@@ -142,7 +142,8 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
 def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
-    several seeds or a sweep, every cell runs and the seeds are pooled per grid point."""
+    several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
+    adds mismatch doses (-s design.doses=0,0.5,1) and knowledge categories."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)

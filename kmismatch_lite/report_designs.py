@@ -159,9 +159,9 @@ def category_rows(section: dict) -> list[list[str]]:
 
 
 def category_title(section: dict) -> str:
-    how = ("one greedy few-shot answer of the base student (Known / Unknown)" if section["mode"] == "cheap"
+    how = ("Known / Unknown from the base student's one greedy few-shot answer" if section["mode"] == "cheap"
            else f"SliCK, {section['prompts']} few-shot prompts greedily, {section['samples']} samples")
-    return f"Knowledge categories of the test questions ({how})"
+    return f"Knowledge categories of the test questions: {how}"
 
 
 def tables(section: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
