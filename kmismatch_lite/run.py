@@ -19,7 +19,8 @@ from typing import Any, Callable
 from kmismatch_lite import cards, check, data, prompts, recipes, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.io import atomic_dir, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
+from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
+                               write_jsonl)
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
@@ -122,7 +123,13 @@ def build_sets(train: list[Question], teacher: list[dict], student: list[dict]) 
 
 
 def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
-    """Run every stage of the recipe into `out`; returns results.json's content."""
+    """Run every stage of the recipe into `out`; returns results.json's content. A second run on
+    the same folder waits for the first, then reuses its stages."""
+    with run_lock(out, log=log):
+        return _execute(recipe, out, log=log, progress_factory=progress_factory)
+
+
+def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_factory) -> dict:
     from kmismatch_lite import report
 
     t_start = time.perf_counter()
