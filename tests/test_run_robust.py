@@ -104,21 +104,26 @@ STAGES = ["data", "generate/teacher", "generate/student", "sets", "finetune/self
           "evaluate/base_student", "evaluate/self", "evaluate/teacher", "evaluate/base_teacher"]
 
 
+# Smaller than the recipe's own sizes (24 train, 16 test) to keep the test short; every stage runs.
+SMALL = ("-s", "data.train=12", "-s", "data.test=8")
+
+
 class Kmm:
-    """`kmm run smoke --out OUT` started in its own process group, its stderr in a file."""
+    """`kmm run smoke --out OUT` (at the SMALL sizes) started in its own process group, its stderr
+    in a file."""
 
     def __init__(self, out: Path, log: Path, umask: int | None = None):
         self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kmismatch_lite", "run", "smoke", "--out", str(out)],
+                [sys.executable, "-m", "kmismatch_lite", "run", "smoke", "--out", str(out), *SMALL],
                 cwd=out.parent, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                 env={**os.environ, "COLUMNS": "200"}, umask=-1 if umask is None else umask)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, done, timeout: float = 600) -> None:
+    def wait_for(self, done, timeout: float = 1800) -> None:
         """Poll until `done()` is true; fail if the run ends or the time runs out first."""
         end = time.monotonic() + timeout
         while not done():
@@ -131,7 +136,7 @@ class Kmm:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def finish(self, timeout: float = 900) -> str:
+    def finish(self, timeout: float = 1800) -> str:
         assert self.proc.wait(timeout=timeout) == 0, self.text()[-3000:]
         return self.text()
 
