@@ -61,6 +61,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        _follow_umask(tmp)
         if path.exists():
             old = _temp_sibling(path, lambda p: p.mkdir(0o700))
             os.replace(path, old)
@@ -69,6 +70,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         for leftover in (tmp, old):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give everything in `folder` the modes the umask allows, as `folder` itself got them (some
+    writers, such as safetensors, create private 0600 files)."""
+    allowed = folder.stat().st_mode & 0o777
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(parent) / name
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+            full = 0o777 if name in dirs or mode & 0o100 else 0o666
+            if mode & 0o777 != full & allowed:
+                os.chmod(p, full & allowed)
 
 
 def remove_temps(root: str | Path) -> list[Path]:

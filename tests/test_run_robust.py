@@ -38,9 +38,11 @@ def test_outputs_follow_the_umask(tmp_path, umask, mask):
     write_json(tmp_path / "run" / "results.json", {"a": 1})
     with atomic_dir(tmp_path / "run" / "stage") as tmp:
         write_json(tmp / "stage.json", {"key": "k"})
+        # As safetensors writes its files.
+        os.close(os.open(tmp / "adapter.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
     with run_lock(tmp_path / "run"):
         pass
-    for f in ("results.json", "stage/stage.json", ".lock"):
+    for f in ("results.json", "stage/stage.json", "stage/adapter.safetensors", ".lock"):
         assert (tmp_path / "run" / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     assert (tmp_path / "run" / "stage").stat().st_mode & 0o777 == 0o777 & ~mask
 
