@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 from kmismatch_lite import categories, cards, check, data, dose, plan as planning, prompts, recipes, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.io import atomic_dir, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
+from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
+                               write_jsonl)
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
@@ -374,7 +375,13 @@ def _record_served(out: Path, cell: planning.Cell, models: dict[str, cards.Model
 
 def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
     """Run every cell of the recipe's plan into `out`; returns results.json's content with the
-    seconds taken and the stages run and reused."""
+    seconds taken and the stages run and reused. A second run on the same folder waits for the
+    first, then reuses its stages."""
+    with run_lock(out, log=log):
+        return _execute(recipe, out, log=log, progress_factory=progress_factory)
+
+
+def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_factory) -> dict:
     from kmismatch_lite import report, stats
 
     t_start = time.perf_counter()
