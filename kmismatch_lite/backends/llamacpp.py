@@ -1,6 +1,6 @@
-"""llama.cpp GGUF generation (llama-cpp-python), greedy. By default several prompts are decoded
-together (llamacpp_batch) after their shared prefix is evaluated once; with `parallel=1`, one
-prompt at a time, keeping the KV cache of the prefix shared with the previous prompt."""
+"""llama.cpp GGUF generation (llama-cpp-python), greedy. By default one prompt at a time, keeping
+the KV cache of the prefix shared with the previous prompt; with `parallel=N` (N > 1), N prompts
+are decoded together (llamacpp_batch) after their shared prefix is evaluated once."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from kmismatch_lite.errors import KmmError, missing_extra
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int}
 
-# Answers decoded at once (bench/check_speed.py measures the choice).
-PARALLEL = 16
+# Answers decoded at once. One: on a 2-core CPU, 16 at once answered no faster than one at a time
+# (bench/check_speed.py: SmolLM2 3-shot 21.0 vs 20.3 q/s, medians of 2) and changed 3-7% of the
+# greedy answers (near-ties flipped by another order of the attention sums).
+PARALLEL = 1
 
 # OpenMP's wait policy is left to the user: GNU OpenMP's default (spin briefly, then sleep) ran
 # 2.8x faster than OMP_WAIT_POLICY=passive on an idle 2-core machine (18.5 vs 6.6 q/s), while on a
