@@ -148,6 +148,48 @@ def test_lora_arrays_are_hf_names_with_a_and_b_shapes():
     assert a.shape == (4, 64) and b.shape == (32, 4) and a.dtype == np.float32
 
 
+def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
+    import peft
+    import torch
+
+    from kmismatch_lite.backends.torch_lora import compute_dtype
+
+    enc, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "a longer one?", "target": "e"}], 64)
+    batch = lora_data.collate(enc, pad_id=0)
+    losses = {}
+    for compute in ("float32", "bfloat16"):
+        model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+        with compute_dtype(model, compute, "cpu") as used:
+            loss = lora_data.target_loss(model.get_base_model(), batch)
+            loss.backward()
+        assert used == compute
+        base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        assert base.dtype == getattr(torch, compute)
+        lora = [p for p in model.parameters() if p.requires_grad]
+        assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
+        losses[compute] = loss.item()
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    with compute_dtype(model, "bfloat16", "cuda") as used:  # another device keeps the loader's dtype
+        assert used == "as loaded"
+
+
+def test_threads_follow_omp_num_threads_else_the_usable_cores(monkeypatch):
+    import os
+
+    from kmismatch_lite.backends.torch_lora import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads() == len(os.sched_getaffinity(0))
+
+
+def test_compute_setting_is_checked():
+    assert LoraSettings().compute == "bfloat16"
+    with pytest.raises(KmmError, match="'compute' is out of range: 'float16' \\(one of bfloat16, float32\\)"):
+        LoraSettings.from_dict({"compute": "float16"})
+
+
 # ---------------------------------------------------------------- GGUF export
 
 def test_permutation_round_trip_and_it_moves_rows():

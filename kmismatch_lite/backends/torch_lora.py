@@ -29,13 +29,22 @@ from kmismatch_lite.hf_from_gguf import hf_folder
 
 
 def load_base(model: Model):
-    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use
+    (OMP_NUM_THREADS, where set, says how many)."""
+    torch.set_num_threads(threads())
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one on stderr
     folder = hf_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return lm, tokenizer
+
+
+def threads() -> int:
+    """OMP_NUM_THREADS where set, else the cores this process may run on (taskset, cgroups)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class TorchTrainer:
@@ -76,8 +85,9 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
     lengths = [len(e.ids) for e in encoded]
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
-    log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
-                                 progress, device)
+    with compute_dtype(model, getattr(s, "compute", "float32"), device) as compute:
+        log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
+                                     progress, device)
     with _quiet():
         model.save_pretrained(Path(out_dir) / "adapter")
     return {
@@ -85,7 +95,30 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
         "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
         "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
+        "compute": compute, "threads": torch.get_num_threads(),
     }
+
+
+@contextmanager
+def compute_dtype(model, compute: str, device: str):
+    """Run the steps inside with bfloat16 matmuls when `compute` asks for it on the CPU; yields
+    what was used ("bfloat16", "float32", or "as loaded" on other devices, where the loader chose).
+
+    The frozen base projections are cast to bfloat16 once (autocast would cast them again at every
+    call); the LoRA weights stay float32, so their gradients and the optimizer state do too.
+    """
+    if device != "cpu":
+        yield "as loaded"
+        return
+    if compute != "bfloat16":
+        yield "float32"
+        return
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32:
+            base.weight.data = base.weight.data.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield "bfloat16"
 
 
 def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
