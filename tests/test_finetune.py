@@ -29,6 +29,8 @@ MADE_UP = {"country_of_city": "Zubrovia", "capital": "Marandel", "currency": "Pi
 class CharTokenizer:
     """One token per character (ord + 10); BOS = 1 when `bos` is set, as a model's tokenizer would."""
 
+    pad_token_id = 0
+
     def __init__(self, bos: bool = True):
         self.bos_token_id = 1 if bos else None
 
@@ -188,6 +190,70 @@ def test_compute_setting_is_checked():
     assert LoraSettings().compute == "bfloat16"
     with pytest.raises(KmmError, match="'compute' is out of range: 'float16' \\(one of bfloat16, float32\\)"):
         LoraSettings.from_dict({"compute": "float16"})
+
+
+def test_dev_split_is_seeded_disjoint_and_sized():
+    train, dev = lora_data.dev_split(50, 0.1, seed=3)
+    assert (train, dev) == lora_data.dev_split(50, 0.1, seed=3)
+    assert dev != lora_data.dev_split(50, 0.1, seed=4)[1]
+    assert len(dev) == 5 and sorted(train + dev) == list(range(50)) and train == sorted(train)
+    assert lora_data.dev_split(50, 0.0, seed=3) == (list(range(50)), [])
+    assert [lora_data.n_dev(n, f) for n, f in ((3, 0.01), (1, 0.5), (10, 0.5))] == [1, 0, 5]
+
+
+def test_dev_check_keeps_the_best_epoch_and_stops_on_patience():
+    import peft
+    import torch
+
+    from kmismatch_lite.backends.torch_lora import DevCheck
+    from kmismatch_lite.finetune import LoraSettings
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    dev, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "xyz?", "target": "e"}], 64)
+    check = DevCheck(model, dev, 0, LoraSettings(batch_size=1, patience=2), "cpu")
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    assert not check.stop_after(1, 10)                  # epoch 1: the best so far
+    first = check.log[0]["dev_loss"]
+    with torch.no_grad():
+        lora_b.normal_(0, 5.0)                          # a LoRA that makes the dev loss worse
+    assert not check.stop_after(2, 20) and check.stop_after(3, 30)
+    assert all(r["dev_loss"] > first for r in check.log[1:])
+    check.restore()
+    assert check.loss() == pytest.approx(first) and not lora_b.abs().sum()
+    assert check.summary() == {"dev_examples": 2, "dev_loss": first, "best_epoch": 1, "best_step": 10,
+                               "dev_log": check.log}
+
+
+def test_fit_with_a_dev_split_logs_each_epoch_and_may_stop_early(tmp_path):
+    import peft
+
+    from kmismatch_lite.backends.torch_lora import fit
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    examples = [{"question": f"what is {w}?", "target": w[::-1]} for w in ("abc", "dog", "sky", "tree", "moon", "x", "yy", "sea")]
+    s = LoraSettings(epochs=6, batch_size=2, dev_fraction=0.25, patience=1, learning_rate=0.3, compute="float32",
+                     lr_schedule="linear")
+    out = fit(model, CharTokenizer(), examples, s, tmp_path)
+    dev_log = out["dev_log"]
+    assert out["dev_examples"] == 2 and [r["epoch"] for r in dev_log] == list(range(1, len(dev_log) + 1))
+    assert out["steps"] == len(out["log"]) == 3 * len(dev_log) == dev_log[-1]["step"]
+    assert out["dev_loss"] == min(r["dev_loss"] for r in dev_log)
+    if len(dev_log) < 6:                                  # stopped: its last epoch was not the best
+        assert dev_log[-1]["dev_loss"] > out["dev_loss"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lr_schedules():
+    linear, constant = lora_data.lr_factor("linear", 4), lora_data.lr_factor("constant", 4)
+    assert [linear(i) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [constant(i) for i in range(4)] == [1.0] * 4
+
+
+def test_dev_settings_are_checked():
+    assert (LoraSettings().dev_fraction, LoraSettings().patience) == (0.0, 0)
+    for bad in ({"dev_fraction": 0.6}, {"dev_fraction": -0.1}, {"patience": -1}, {"lr_schedule": "cosine"}):
+        with pytest.raises(KmmError, match="out of range"):
+            LoraSettings.from_dict(bad)
 
 
 # ---------------------------------------------------------------- GGUF export

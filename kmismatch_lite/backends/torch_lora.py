@@ -83,20 +83,73 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     """
     s = settings
     encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
-    lengths = [len(e.ids) for e in encoded]
+    train_ids, dev_ids = lora_data.dev_split(len(encoded), getattr(s, "dev_fraction", 0.0), s.seed)
+    train, dev = [encoded[i] for i in train_ids], [encoded[i] for i in dev_ids]
+    lengths = [len(e.ids) for e in train]
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
+    best = DevCheck(model, dev, tokenizer.pad_token_id or 0, s, device) if dev else None
     with compute_dtype(model, getattr(s, "compute", "float32"), device) as compute:
-        log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
-                                     progress, device)
+        log, seconds, tokens = _loop(model, train, plan, tokenizer.pad_token_id or 0, s, progress, device, best)
     with _quiet():
         model.save_pretrained(Path(out_dir) / "adapter")
     return {
-        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
+        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(log),
         "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
-        "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
+        "padding_waste": round(lora_data.padding_waste(plan[:len(log)], lengths), 4),
         "compute": compute, "threads": torch.get_num_threads(),
+        **(best.summary() if best else {}),
     }
+
+
+class DevCheck:
+    """The dev split's loss after each epoch; keeps the LoRA weights of the lowest one and says
+    when `patience` epochs in a row failed to lower it (patience 0: never)."""
+
+    def __init__(self, model, dev: Sequence, pad_id: int, settings, device: str):
+        self.model, self.dev, self.pad_id, self.device = model, dev, pad_id, device
+        self.batch_size, self.patience = settings.batch_size, getattr(settings, "patience", 0)
+        self.log: list[dict] = []
+        self.best_loss, self.best_state, self.worse = float("inf"), None, 0
+
+    def loss(self) -> float:
+        """Mean cross-entropy over all target tokens of the dev split."""
+        causal_lm = self.model.get_base_model()
+        order = sorted(range(len(self.dev)), key=lambda i: len(self.dev[i].ids))
+        total, count = 0.0, 0
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                items = [self.dev[i] for i in order[start:start + self.batch_size]]
+                batch = {k: v.to(self.device) for k, v in lora_data.collate(items, self.pad_id).items()}
+                n = int((batch["labels"][:, 1:] != lora_data.IGNORE).sum())
+                total += lora_data.target_loss(causal_lm, batch).item() * n
+                count += n
+        self.model.train()
+        return total / count
+
+    def stop_after(self, epoch: int, step: int) -> bool:
+        """Record the dev loss after `epoch`; True when training should stop."""
+        loss = self.loss()
+        self.log.append({"epoch": epoch, "step": step, "dev_loss": round(loss, 5)})
+        if loss < self.best_loss:
+            self.best_loss, self.worse = loss, 0
+            self.best_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            self.worse += 1
+        return 0 < self.patience <= self.worse
+
+    def restore(self) -> None:
+        """Put the best epoch's LoRA weights back."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in self.best_state:
+                    p.copy_(self.best_state[n])
+
+    def summary(self) -> dict[str, Any]:
+        best = min(self.log, key=lambda r: r["dev_loss"])
+        return {"dev_examples": len(self.dev), "dev_loss": best["dev_loss"], "best_epoch": best["epoch"],
+                "best_step": best["step"], "dev_log": self.log}
 
 
 @contextmanager
@@ -121,11 +174,13 @@ def compute_dtype(model, compute: str, device: str):
         yield "bfloat16"
 
 
-def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
-          device: str) -> tuple[list[dict], float, int]:
+def _loop(model, encoded, plan, pad_id: int, s, progress, device: str,
+          best: DevCheck | None = None) -> tuple[list[dict], float, int]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lora_data.lr_factor(getattr(s, "lr_schedule", "constant"), len(plan)))
     causal_lm = model.get_base_model()
+    per_epoch = lora_data.n_batches(len(encoded), s.batch_size)
     model.train()
     log, seconds, tokens = [], 0.0, 0
     for step, batch_ids in enumerate(plan, 1):
@@ -134,6 +189,7 @@ def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
         loss = lora_data.target_loss(causal_lm, batch)
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - t0
         tokens += int(batch["attention_mask"].sum())
@@ -141,6 +197,12 @@ def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
         log.append(row)
         if progress:
             progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+        if best and step % per_epoch == 0 and best.stop_after(step // per_epoch, step):
+            if progress and step < len(plan):
+                progress(len(plan) - step, stopped=f"epoch {step // per_epoch}")
+            break
+    if best:
+        best.restore()
     return log, seconds, tokens
 
 
