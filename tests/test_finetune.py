@@ -243,6 +243,15 @@ def test_fit_with_a_dev_split_logs_each_epoch_and_may_stop_early(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("setting", [{"dev_fraction": 0.1}, {"lr_schedule": "linear"}])
+def test_mlx_refuses_the_torch_only_settings(tmp_path, setting):
+    from kmismatch_lite.finetune import finetune
+
+    with pytest.raises(KmmError, match="mlx backend trains with a constant rate"):
+        finetune(STUDENT, [{"question": "q?", "target": "a"}], tmp_path / "ft", backend="mlx", settings=setting)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_lr_schedules():
     linear, constant = lora_data.lr_factor("linear", 4), lora_data.lr_factor("constant", 4)
     assert [linear(i) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
