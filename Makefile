@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-EXTRAS ?= llamacpp,models,torch,mlx,report,parquet,server,dev
+EXTRAS ?= llamacpp,models,torch,mlx,report,stats,parquet,server,dev
 LLAMA_CPP ?= llama-cpp-python==0.3.36
 # llama.cpp builds from source with -march=native; its AMX kernels crash on (virtual) CPUs
 # that report AMX without the kernel granting it, so x86_64 builds leave AMX out.

@@ -137,10 +137,12 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default runs/<recipe name>).")
 @click.option("-s", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe setting, e.g. -s data.test=100 (repeatable).")
+              help="Override a recipe setting, e.g. -s data.test=100, -s seeds=0,1,2 or "
+                   "-s sweep.finetune.lora.epochs=1,2 (repeatable).")
 def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
-    fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report."""
+    fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
+    several seeds or a sweep, every cell runs and the seeds are pooled per grid point."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)
@@ -148,30 +150,53 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     t0 = time.perf_counter()
     done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar)
     res = done["results"]
-    ui.table(f"kmm run {r['name']}: {res['student']} (student), {res['teacher']} (teacher), "
-             f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
-    ui.out.print(report.verdict_text(res))
-    ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
+    if "points" in res:
+        _print_pooled(res)
+    else:
+        ui.table(f"kmm run {r['name']}: {res['student']} (student), {res['teacher']} (teacher), "
+                 f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
+        ui.out.print(report.verdict_text(res))
+        ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
     ui.out.print(f"report: {out / 'report.md'}")
-    ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({len(done['ran'])} stages run, "
+    cells = f"{len(res['cells'])} cells, " if "cells" in res else ""
+    ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({cells}{len(done['ran'])} stages run, "
                f"{len(done['reused'])} reused), outputs in {out}")
+
+
+def _print_pooled(res: dict) -> None:
+    """A many-seed run: per grid point, the table of seeds and the pooled answer in one sentence."""
+    from kmismatch_lite import report, ui
+
+    for entry in res["points"]:
+        where = f" at {report.point_label(entry['point'])}" if res["sweep"] else ""
+        ui.table(f"{res['student']} (student), {res['teacher']} (teacher){where}", report.SEED_COLUMNS,
+                 report.seed_rows(res, entry["point"]))
+        if entry["pooled"]:
+            ui.out.print(report.heterogeneity_text(entry["pooled"]))
+        ui.out.print(report.pooled_text(res, entry))
 
 
 @cli.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def report_cmd(runs: tuple[Path, ...]) -> None:
-    """Print the results table of RUN_DIR, or compare two run folders side by side."""
+    """Print the results of RUN_DIR (pooled over seeds for a many-seed run), or compare two
+    single-seed run folders side by side."""
     from kmismatch_lite import report, ui
 
     if len(runs) > 2:
         raise KmmError("give one run folder, or two to compare")
     loaded = [report.load(r) for r in runs]
+    if len(loaded) == 1 and "points" in loaded[0]:
+        _print_pooled(loaded[0])
+        return
     if len(loaded) == 1:
         res = loaded[0]
         ui.table(f"{runs[0]}: {res['student']} (student), {res['teacher']} (teacher)", ui.TALLY_COLUMNS,
                  report.table_rows(res))
         ui.out.print(report.verdict_text(res))
         return
+    if any("points" in r for r in loaded):
+        raise KmmError("a many-cell run compares by its cell folders (RUN/seed-N/...), not as a whole")
     ui.table("comparison", ["figure", str(runs[0]), str(runs[1]), "change"], report.compare_rows(*loaded))
 
 

@@ -250,7 +250,7 @@ def verify_prompts(examples: Sequence[dict], n_other: int = 16) -> tuple[list[st
 def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Path, adapter_gguf: Path,
                    backend: str = "torch") -> dict:
     """Agreement of greedy answers: llama.cpp + GGUF adapter vs the training framework with its
-    adapter (mlx-lm for mlx; transformers + peft for torch and unsloth), and vs the base."""
+    adapter (mlx-lm for mlx; transformers + peft for torch, on the GPU for unsloth), and vs the base."""
     import importlib
 
     from kmismatch_lite import prompts
@@ -258,8 +258,6 @@ def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Pa
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
     module = importlib.import_module(TRAINERS[backend].partition(":")[0])
-    if not hasattr(module, "greedy_answers"):  # unsloth saves a peft adapter: check it with peft
-        module = importlib.import_module("kmismatch_lite.backends.torch_lora")
     greedy_answers = module.greedy_answers
 
     trained, others = verify_prompts(examples)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.finetune import LoraSettings
+from kmismatch_lite.plan import set_setting
 from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,13 +20,17 @@ SCHEMA: dict[str, Any] = {
     "name": str,
     "description": str,
     "seed": int,
+    "seeds": list,
     "models": {"student": str, "teacher": str},
     "data": {"dataset": str, "train": int, "test": int, "test_frac": float, "exemplars": int, "shots": int},
     "generate": {"backend": str, "options": dict},
     "finetune": {"backend": str, "verify": bool, "lora": _LORA},
     "evaluate": {"backend": str, "options": dict},
     "report": {"bootstrap": int},
+    "sweep": dict,
 }
+# Settings a grid cannot vary: seeds have their own key, and names say what the run is.
+NOT_SWEPT = ("name", "description", "seed", "seeds", "sweep")
 DEFAULTS: dict[str, Any] = {
     "name": "experiment",
     "description": "",
@@ -70,28 +75,53 @@ def _parse_value(text: str, kind: Any) -> Any:
     return text
 
 
+def _schema_of(key: str, where: Any) -> Any:
+    """The schema type of a dotted setting, or a KmmError naming the setting."""
+    schema: Any = SCHEMA
+    for part in key.split("."):
+        if not isinstance(schema, dict) or part not in schema:
+            raise KmmError(f"unknown setting '{key}' for recipe {where}")
+        schema = schema[part]
+    if isinstance(schema, dict):
+        raise KmmError(f"setting '{key}' is a table; name one of its keys")
+    return schema
+
+
+def _parse_override(key: str, text: str, path: Path) -> Any:
+    if key == "seeds":
+        from kmismatch_lite.backends import coerce
+
+        return [coerce(v.strip(), int, "seeds") for v in text.split(",")]
+    if key == "sweep":
+        raise KmmError("name the setting to vary: sweep.SECTION.KEY=V1,V2,...")
+    if key.startswith("sweep."):
+        kind = _schema_of(key[len("sweep."):], path)
+        return [_parse_value(v.strip(), kind) for v in text.split(",")]
+    return _parse_value(text, _schema_of(key, path))
+
+
 def apply_overrides(raw: dict, overrides: Sequence[str], path: Path) -> dict:
-    """`section.key=value` strings on top of the recipe, typed by the schema."""
+    """`section.key=value` strings on top of the recipe, typed by the schema. `seeds=0,1,2` lists
+    seeds and `sweep.SECTION.KEY=V1,V2` sets one grid axis; a plain setting replaces the recipe's
+    grid axis on that key, and `seed` replaces `seeds` (and the other way round)."""
     out = copy.deepcopy(raw)
     for item in overrides:
-        key, eq, value = item.partition("=")
+        key, eq, text = item.partition("=")
+        key = key.strip()
         if not eq:
             raise KmmError(f"bad setting '{item}': use section.key=value")
-        parts = key.strip().split(".")
-        schema: Any = SCHEMA
-        node = out
-        for i, part in enumerate(parts):
-            if not isinstance(schema, dict) or part not in schema:
-                raise KmmError(f"unknown setting '{key}' for recipe {path}")
-            schema = schema[part]
-            if i < len(parts) - 1:
-                node = node.setdefault(part, {})
-        if isinstance(schema, dict):
-            raise KmmError(f"setting '{key}' is a table; name one of its keys")
+        if key != "sweep" and not key.startswith("sweep."):
+            _schema_of(key, path)
         try:
-            node[parts[-1]] = _parse_value(value, schema)
+            value = _parse_override(key, text, path)
         except KmmError as exc:
             raise KmmError(f"setting '{key}': {exc}") from None
+        if key.startswith("sweep."):
+            out.setdefault("sweep", {})[key[len("sweep."):]] = value
+            continue
+        set_setting(out, key, value)
+        out.get("sweep", {}).pop(key, None)
+        out.pop({"seed": "seeds", "seeds": "seed"}.get(key, ""), None)
     return out
 
 
@@ -100,33 +130,76 @@ def load(spec: str, overrides: Sequence[str] = ()) -> dict:
     path = find(spec)
     raw = read_toml(path)
     check_keys(raw, SCHEMA, path)
+    if "seed" in raw and "seeds" in raw:
+        raise KmmError(f"{path}: set 'seed' or 'seeds', not both")
     raw = apply_overrides(raw, overrides, path)
     check_keys(raw, SCHEMA, path)
     recipe = _merge(DEFAULTS, raw)
+    if "seeds" in recipe:
+        del recipe["seed"]
     validate(recipe, path)
     recipe["recipe_file"] = str(path)
     return recipe
 
 
-def validate(recipe: dict, path: Path) -> None:
-    """Everything that can be checked without loading a model or a data set."""
+def validate(recipe: dict, path: Path | str) -> None:
+    """Everything that can be checked without loading a model or a data set, for every cell."""
+    _check_cell(recipe, str(path))
+    if "seeds" in recipe:
+        seeds = recipe["seeds"]
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise KmmError(f"{path}: 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise KmmError(f"{path}: 'seeds' lists a seed twice: {seeds!r}")
+    for key, values in recipe.get("sweep", {}).items():
+        _check_axis(recipe, key, values, str(path))
+
+
+def _check_axis(recipe: dict, key: str, values: Any, where: str) -> None:
+    """One grid axis: a known, sweepable setting and a list of distinct values, each valid."""
+    if key in NOT_SWEPT:
+        raise KmmError(f"{where}: sweep '{key}': this setting cannot be swept"
+                       + (" (list seeds in 'seeds')" if key.startswith("seed") else ""))
+    try:
+        kind = _schema_of(key, where)
+    except KmmError as exc:
+        raise KmmError(f"{where}: sweep: {exc}") from None
+    if kind is dict:
+        raise KmmError(f"{where}: sweep '{key}': backend options cannot be swept")
+    if not isinstance(values, list) or not values:
+        raise KmmError(f"{where}: sweep '{key}' must be a non-empty list of values, got {values!r}")
+    if any(values.count(v) > 1 for v in values):
+        raise KmmError(f"{where}: sweep '{key}' lists a value twice: {values!r}")
+    *parents, leaf = key.split(".")
+    for value in values:
+        check_keys({leaf: value}, {leaf: kind}, Path(f"{where}: sweep"), ".".join(parents))
+        cell = {k: v for k, v in recipe.items() if k not in ("seeds", "sweep")}
+        cell = copy.deepcopy(cell)
+        set_setting(cell, key, value)
+        _check_cell(cell, f"{where}: sweep {key}={value!r}")
+
+
+def _check_cell(recipe: dict, where: str) -> None:
     from kmismatch_lite import backends, cards, data
 
     for role in ("student", "teacher"):
         spec = recipe["models"].get(role)
         if not spec:
-            raise KmmError(f"{path}: missing key 'models.{role}'")
+            raise KmmError(f"{where}: missing key 'models.{role}'")
         if not (spec.endswith(".gguf") or spec.startswith("hf:") or cards.is_served(spec) or spec in cards.cards()):
-            raise KmmError(f"{path}: models.{role}: unknown model '{spec}'")
+            raise KmmError(f"{where}: models.{role}: unknown model '{spec}'")
     kind, rest = data.parse_spec(recipe["data"]["dataset"])
     if kind not in ("geonames", "triviaqa", "popqa", "jsonl", "csv", "parquet"):
-        raise KmmError(f"{path}: data.dataset: unknown data set '{recipe['data']['dataset']}'")
+        raise KmmError(f"{where}: data.dataset: unknown data set '{recipe['data']['dataset']}'")
     for stage, registry in (("generate", backends.GENERATORS), ("evaluate", backends.GENERATORS),
                             ("finetune", backends.TRAINERS)):
         if recipe[stage]["backend"] not in registry:
-            raise KmmError(f"{path}: {stage}.backend: unknown backend '{recipe[stage]['backend']}' "
+            raise KmmError(f"{where}: {stage}.backend: unknown backend '{recipe[stage]['backend']}' "
                            f"(choose from {', '.join(registry)})")
-    LoraSettings.from_dict(recipe["finetune"]["lora"])
+    try:
+        LoraSettings.from_dict(recipe["finetune"]["lora"])
+    except KmmError as exc:
+        raise KmmError(f"{where}: {exc}") from None
     d = recipe["data"]
     if d["train"] < 0 or d["test"] < 0 or not 0 < d["test_frac"] < 1 or d["shots"] < 0:
-        raise KmmError(f"{path}: data sizes must be >= 0 and 0 < test_frac < 1")
+        raise KmmError(f"{where}: data sizes must be >= 0 and 0 < test_frac < 1")

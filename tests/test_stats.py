@@ -57,3 +57,4 @@ def test_bootstrap_is_deterministic_per_seed():
 def test_unpaired_input_is_an_error():
     with pytest.raises(ValueError):
         stats.paired_wrong_test([True], [True, False])
+

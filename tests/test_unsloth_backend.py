@@ -112,9 +112,12 @@ def test_shared_loop_with_a_cpu_loader_trains_and_exports(tmp_path):
 @pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (pip install 'kmismatch_lite[unsloth]')")
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU: the unsloth backend needs one")
 def test_smoke_recipe_with_unsloth_end_to_end(tmp_path):
+    # The student also plays the teacher: only the student's files are needed on the GPU machine,
+    # and everything the unsloth backend touches (the student's fine-tunes) runs as in the recipe.
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "kmismatch_lite", "run", "smoke", "--out", str(out),
-                           "-s", "finetune.backend=unsloth", "-s", "finetune.verify=true"],
+                           "-s", "finetune.backend=unsloth", "-s", "finetune.verify=true",
+                           "-s", "models.teacher=smollm2-135m-instruct"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("self", "teacher"):

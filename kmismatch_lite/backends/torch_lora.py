@@ -206,7 +206,8 @@ def _loop(model, encoded, plan, pad_id: int, s, progress, device: str,
     return log, seconds, tokens
 
 
-def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *, max_tokens: int) -> list[str]:
+def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *, max_tokens: int,
+                   device: str = "cpu") -> list[str]:
     """Greedy answers of the torch model (with the peft adapter in `adapter_dir`, if given),
     cut at the first newline, as llama.cpp's generator does."""
     from kmismatch_lite.prompts import clean_output
@@ -215,13 +216,13 @@ def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str
     if adapter_dir is not None:
         with _quiet():
             lm = peft.PeftModel.from_pretrained(lm, str(adapter_dir))
-    lm.eval()
+    lm.to(device).eval()
     vocab = tokenizer.get_vocab()
     stop = [tokenizer.eos_token_id] + [vocab[t] for t in ("<end_of_turn>", "<|eot_id|>") if t in vocab]
     outputs = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
             out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                               do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
             outputs.append(clean_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))

@@ -85,3 +85,13 @@ class UnslothTrainer:
         peft_model, tokenizer = self.loader(self.model, self.settings)
         return fit(peft_model, tokenizer, examples, self.settings, Path(out_dir), progress=progress,
                    device=self.device)
+
+
+def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *,
+                   max_tokens: int) -> list[str]:
+    """The peft adapter's greedy answers (for `--verify`), on the GPU: once Unsloth is imported,
+    its patches of the transformers model classes place rotary tables on CUDA, so the same
+    float32 model run on the CPU fails with a device mismatch."""
+    from kmismatch_lite.backends.torch_lora import greedy_answers as torch_greedy
+
+    return torch_greedy(model, adapter_dir, prompts, max_tokens=max_tokens, device="cuda")
