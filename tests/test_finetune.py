@@ -161,9 +161,10 @@ def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
     losses = {}
     for compute in ("float32", "bfloat16"):
         model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-        with compute_dtype(model, compute, "cpu") as used:
+        used, autocast = compute_dtype(model, compute, "cpu")
+        with autocast():
             loss = lora_data.target_loss(model.get_base_model(), batch)
-            loss.backward()
+        loss.backward()
         assert used == compute
         base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
         assert base.dtype == getattr(torch, compute)
@@ -171,8 +172,23 @@ def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
         assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
         losses[compute] = loss.item()
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
-    with compute_dtype(model, "bfloat16", "cuda") as used:  # another device keeps the loader's dtype
-        assert used == "as loaded"
+    assert compute_dtype(model, "bfloat16", "cuda")[0] == "as loaded"  # the loader chose the dtype there
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_training_lowers_the_loss_in_either_compute(compute):
+    """The optimizer's updates reach the forward pass (a bfloat16 copy of the LoRA weights cached
+    across steps would leave the loss where it started)."""
+    import peft
+
+    from kmismatch_lite.backends.torch_lora import _loop, compute_dtype
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    enc, _ = lora_data.encode(CharTokenizer(), [{"question": f"what {w}?", "target": w} for w in ("abc", "dog", "sky", "tree")], 64)
+    plan = [[0, 1, 2, 3]] * 20
+    _, autocast = compute_dtype(model, compute, "cpu")
+    log, _, _ = _loop(model, enc, plan, 0, LoraSettings(learning_rate=5e-2), None, "cpu", autocast=autocast)
+    assert log[-1]["loss"] < 0.97 * log[0]["loss"]          # a stale copy leaves it unchanged
 
 
 def test_threads_follow_omp_num_threads_else_the_usable_cores(monkeypatch):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kmismatch_lite.cards import Model
 from kmismatch_lite.errors import missing_extra
@@ -87,9 +87,10 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     train, dev = [encoded[i] for i in train_ids], [encoded[i] for i in dev_ids]
     lengths = [len(e.ids) for e in train]
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
-    best = DevCheck(model, dev, tokenizer.pad_token_id or 0, s, device) if dev else None
-    with compute_dtype(model, getattr(s, "compute", "float32"), device) as compute:
-        log, seconds, tokens = _loop(model, train, plan, tokenizer.pad_token_id or 0, s, progress, device, best)
+    compute, autocast = compute_dtype(model, getattr(s, "compute", "float32"), device)
+    best = DevCheck(model, dev, tokenizer.pad_token_id or 0, s, device, autocast) if dev else None
+    log, seconds, tokens = _loop(model, train, plan, tokenizer.pad_token_id or 0, s, progress, device, best,
+                                 autocast)
     with _quiet():
         model.save_pretrained(Path(out_dir) / "adapter")
     return {
@@ -106,8 +107,9 @@ class DevCheck:
     """The dev split's loss after each epoch; keeps the LoRA weights of the lowest one and says
     when `patience` epochs in a row failed to lower it (patience 0: never)."""
 
-    def __init__(self, model, dev: Sequence, pad_id: int, settings, device: str):
-        self.model, self.dev, self.pad_id, self.device = model, dev, pad_id, device
+    def __init__(self, model, dev: Sequence, pad_id: int, settings, device: str,
+                 autocast: Callable = nullcontext):
+        self.model, self.dev, self.pad_id, self.device, self.autocast = model, dev, pad_id, device, autocast
         self.batch_size, self.patience = settings.batch_size, getattr(settings, "patience", 0)
         self.log: list[dict] = []
         self.best_loss, self.best_state, self.worse = float("inf"), None, 0
@@ -123,7 +125,8 @@ class DevCheck:
                 items = [self.dev[i] for i in order[start:start + self.batch_size]]
                 batch = {k: v.to(self.device) for k, v in lora_data.collate(items, self.pad_id).items()}
                 n = int((batch["labels"][:, 1:] != lora_data.IGNORE).sum())
-                total += lora_data.target_loss(causal_lm, batch).item() * n
+                with self.autocast():
+                    total += lora_data.target_loss(causal_lm, batch).item() * n
                 count += n
         self.model.train()
         return total / count
@@ -152,30 +155,28 @@ class DevCheck:
                 "best_step": best["step"], "dev_log": self.log}
 
 
-@contextmanager
-def compute_dtype(model, compute: str, device: str):
-    """Run the steps inside with bfloat16 matmuls when `compute` asks for it on the CPU; yields
-    what was used ("bfloat16", "float32", or "as loaded" on other devices, where the loader chose).
+def compute_dtype(model, compute: str, device: str) -> tuple[str, Callable]:
+    """Prepare `model` for `compute`: (what is used, a context each forward pass runs in). On the
+    CPU, "bfloat16" runs the matmuls in bfloat16; on other devices the loader chose ("as loaded").
 
     The frozen base projections are cast to bfloat16 once (autocast would cast them again at every
     call); the LoRA weights stay float32, so their gradients and the optimizer state do too.
+    Autocast is entered per forward pass: one region around all steps would keep reusing its first
+    bfloat16 copy of the LoRA weights (its cast cache lives as long as the region), and not learn.
     """
     if device != "cpu":
-        yield "as loaded"
-        return
+        return "as loaded", nullcontext
     if compute != "bfloat16":
-        yield "float32"
-        return
+        return "float32", nullcontext
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32:
             base.weight.data = base.weight.data.to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        yield "bfloat16"
+    return "bfloat16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _loop(model, encoded, plan, pad_id: int, s, progress, device: str,
-          best: DevCheck | None = None) -> tuple[list[dict], float, int]:
+def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: DevCheck | None = None,
+          autocast: Callable = nullcontext) -> tuple[list[dict], float, int]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lora_data.lr_factor(getattr(s, "lr_schedule", "constant"), len(plan)))
@@ -186,7 +187,8 @@ def _loop(model, encoded, plan, pad_id: int, s, progress, device: str,
     for step, batch_ids in enumerate(plan, 1):
         t0 = time.perf_counter()
         batch = {k: v.to(device) for k, v in lora_data.collate([encoded[i] for i in batch_ids], pad_id).items()}
-        loss = lora_data.target_loss(causal_lm, batch)
+        with autocast():
+            loss = lora_data.target_loss(causal_lm, batch)
         loss.backward()
         opt.step()
         sched.step()
