@@ -142,7 +142,8 @@ def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
 def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
-    several seeds or a sweep, every cell runs and the seeds are pooled per grid point."""
+    several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
+    adds mismatch doses (-s design.doses=0,0.5,1) and knowledge categories."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)
@@ -157,6 +158,7 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
                  f"{res['n_test']} test questions", ui.TALLY_COLUMNS, report.table_rows(res))
         ui.out.print(report.verdict_text(res))
         ui.out.print(f"mismatch rate of the teacher's set: {res['finetune_sets']['mismatch_rate']:.1%}")
+        _print_designs(res)
     ui.out.print(f"report: {out / 'report.md'}")
     cells = f"{len(res['cells'])} cells, " if "cells" in res else ""
     ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({cells}{len(done['ran'])} stages run, "
@@ -174,6 +176,16 @@ def _print_pooled(res: dict) -> None:
         if entry["pooled"]:
             ui.out.print(report.heterogeneity_text(entry["pooled"]))
         ui.out.print(report.pooled_text(res, entry))
+        _print_designs(entry, where)
+
+
+def _print_designs(section: dict, where: str = "") -> None:
+    """The mismatch-dose and knowledge-category tables of a cell or a pooled grid point."""
+    from kmismatch_lite import report_designs, ui
+
+    for title, columns, rows, text in report_designs.tables(section):
+        ui.table(title + where, columns, rows)
+        ui.out.print(text)
 
 
 @cli.command("report")
@@ -194,6 +206,7 @@ def report_cmd(runs: tuple[Path, ...]) -> None:
         ui.table(f"{runs[0]}: {res['student']} (student), {res['teacher']} (teacher)", ui.TALLY_COLUMNS,
                  report.table_rows(res))
         ui.out.print(report.verdict_text(res))
+        _print_designs(res)
         return
     if any("points" in r for r in loaded):
         raise KmmError("a many-cell run compares by its cell folders (RUN/seed-N/...), not as a whole")

@@ -5,12 +5,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+
+# Temporary names are ".<name>.<8 hex digits>" beside their target, so a later run can find the
+# ones a killed process left behind (remove_temps).
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}$")
+
+
+def _temp_sibling(path: Path, create: Callable[[Path], None]) -> Path:
+    """Create a fresh temporary name beside `path` with `create` (which fails if it exists)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_file(tmp: Path) -> None:
+    # Mode 0o666 lets the kernel apply the umask (and default ACLs), as for any program's output.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
@@ -18,9 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_sibling(path, _new_file)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -31,18 +51,84 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    An old `path` is first renamed aside (to a temporary name), never deleted in place, so a
+    kill at any moment leaves either the old folder or the new one whole, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _temp_sibling(path, lambda p: p.mkdir(0o777))
+    old = None
     try:
         yield tmp
+        _follow_umask(tmp)
         if path.exists():
-            shutil.rmtree(path)
+            old = _temp_sibling(path, lambda p: p.mkdir(0o700))
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give everything in `folder` the modes the umask allows, as `folder` itself got them (some
+    writers, such as safetensors, create private 0600 files)."""
+    allowed = folder.stat().st_mode & 0o777
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(parent) / name
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+            full = 0o777 if name in dirs or mode & 0o100 else 0o666
+            if mode & 0o777 != full & allowed:
+                os.chmod(p, full & allowed)
+
+
+def remove_temps(root: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that atomic_path/atomic_dir left under `root` when
+    their process was killed; returns what was removed. Only safe while no other process writes
+    under `root` (hold run_lock)."""
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        for name in [n for n in dirs + files if _TEMP_NAME.match(n)]:
+            target = Path(parent) / name
+            if name in dirs:
+                shutil.rmtree(target, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                target.unlink(missing_ok=True)
+            removed.append(target)
+    return removed
+
+
+@contextmanager
+def run_lock(folder: str | Path, log: Callable[[str], None] = print) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if needed) for the block, waiting for another
+    process that holds it; then clear the temporary leftovers of killed runs.
+
+    The lock is flock on `folder/.lock`: the kernel releases it when its process dies, so a killed
+    run never leaves a stale lock behind."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            log(f"{folder} is in use by another run (pid {holder}); waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        remove_temps(folder)
+        yield folder
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -9,6 +9,10 @@ Layout: a recipe with one `seed` and no `[sweep]` keeps the flat layout (`data/`
 results beside them). With `seeds` or a `[sweep]`, stages go under `seed-N/`, then under
 `KEY=VALUE,...` for the grid settings they depend on; each cell's results sit in
 `seed-N[/KEY=VALUE,...]/`, and the pooled results at the top of the run folder.
+
+A recipe's `[design]` adds stages to every cell (`design_stages`): the mismatch-dose sets with a
+fine-tune and an evaluation per dose (dose 0 is the self set, so it names the self stages), and
+for SliCK categories one greedy evaluation of the base student per extra few-shot prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
+
+from kmismatch_lite.dose import dose_name
 
 # stage -> (recipe settings it reads, stages whose outputs it reads), in running order
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -101,10 +107,39 @@ def _name(key: str, value: Any) -> str:
     return quote(f"{key}={value}", safe="=:.,-_+@")
 
 
-def _stages(seed: int, point: dict[str, Any], multi: bool) -> dict[str, Stage]:
+def design_stages(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The stages a recipe's `[design]` adds, in the form of STAGES. Dose 0 has none of its own:
+    its set is the self set, so its fine-tune and evaluation are `finetune/self`, `evaluate/self`."""
+    design = recipe.get("design") or {}
+    out: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    if design.get("doses"):
+        out["dose_sets"] = (("design.doses",), ("generate/teacher", "generate/student"))
+    for d in (d for d in design.get("doses") or () if float(d) != 0.0):
+        name = dose_name(float(d))
+        out[f"finetune/{name}"] = (("models.student", "finetune"), ("dose_sets",))
+        out[f"evaluate/{name}"] = (("models.student", "evaluate"), ("data", f"finetune/{name}"))
+    if design.get("categories") == "slick":
+        # Prompt 1 is the run's own: its greedy answers are evaluate/base_student's.
+        for i in range(2, design["slick_prompts"] + 1):
+            out[f"slick/prompt-{i}"] = (("models.student", "evaluate"), ("data",))
+    return out
+
+
+def stage_table(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Every stage a cell of `recipe` runs: the protocol's, then its design's."""
+    return {**STAGES, **design_stages(recipe)}
+
+
+def _aliases(recipe: dict, stages: dict[str, Stage]) -> None:
+    if any(float(d) == 0.0 for d in (recipe.get("design") or {}).get("doses") or ()):
+        for kind in ("finetune", "evaluate"):
+            stages[f"{kind}/{dose_name(0.0)}"] = stages[f"{kind}/self"]
+
+
+def _stages(table: dict, seed: int, point: dict[str, Any], multi: bool) -> dict[str, Stage]:
     depends: dict[str, list[str]] = {}
     stages: dict[str, Stage] = {}
-    for name, (settings, needs) in STAGES.items():
+    for name, (settings, needs) in table.items():
         keys = {k for k in point if any(_reads(s, k) for s in settings)}
         keys.update(*(depends[n] for n in needs))
         depends[name] = sorted(keys, key=list(point).index)
@@ -132,6 +167,8 @@ def build(recipe: dict) -> Plan:
         for point in plan.points():
             folder = "/".join([f"seed-{seed}"] + ([",".join(_name(k, v) for k, v in point.items())]
                                                    if point else [])) if multi else ""
-            plan.cells.append(Cell(seed, point, folder, _cell_recipe(recipe, seed, point),
-                                   _stages(seed, point, multi)))
+            cell_recipe = _cell_recipe(recipe, seed, point)
+            stages = _stages(stage_table(cell_recipe), seed, point, multi)
+            _aliases(cell_recipe, stages)
+            plan.cells.append(Cell(seed, point, folder, cell_recipe, stages))
     return plan

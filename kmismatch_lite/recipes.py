@@ -27,8 +27,10 @@ SCHEMA: dict[str, Any] = {
     "finetune": {"backend": str, "verify": bool, "lora": _LORA},
     "evaluate": {"backend": str, "options": dict},
     "report": {"bootstrap": int},
+    "design": {"doses": list, "categories": str, "slick_prompts": int, "slick_samples": int},
     "sweep": dict,
 }
+CATEGORY_MODES = ("", "cheap", "slick")
 # Settings a grid cannot vary: seeds have their own key, and names say what the run is.
 NOT_SWEPT = ("name", "description", "seed", "seeds", "sweep")
 DEFAULTS: dict[str, Any] = {
@@ -41,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "finetune": {"backend": "torch", "verify": False, "lora": {}},
     "evaluate": {"backend": "llamacpp", "options": {}},
     "report": {"bootstrap": 2000},
+    # Off unless a recipe names doses or a categories mode; K and M as in PROTOCOL step 10.
+    "design": {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4},
 }
 
 
@@ -92,6 +96,10 @@ def _parse_override(key: str, text: str, path: Path) -> Any:
         from kmismatch_lite.backends import coerce
 
         return [coerce(v.strip(), int, "seeds") for v in text.split(",")]
+    if key == "design.doses":
+        from kmismatch_lite.backends import coerce
+
+        return [coerce(v.strip(), float, "design.doses") for v in text.split(",") if v.strip()]
     if key == "sweep":
         raise KmmError("name the setting to vary: sweep.SECTION.KEY=V1,V2,...")
     if key.startswith("sweep."):
@@ -160,6 +168,9 @@ def _check_axis(recipe: dict, key: str, values: Any, where: str) -> None:
     if key in NOT_SWEPT:
         raise KmmError(f"{where}: sweep '{key}': this setting cannot be swept"
                        + (" (list seeds in 'seeds')" if key.startswith("seed") else ""))
+    if key.split(".")[0] == "design":
+        raise KmmError(f"{where}: sweep '{key}': design settings cannot be swept (they add conditions "
+                       f"to every cell; list the doses in design.doses)")
     try:
         kind = _schema_of(key, where)
     except KmmError as exc:
@@ -203,3 +214,42 @@ def _check_cell(recipe: dict, where: str) -> None:
     d = recipe["data"]
     if d["train"] < 0 or d["test"] < 0 or not 0 < d["test_frac"] < 1 or d["shots"] < 0:
         raise KmmError(f"{where}: data sizes must be >= 0 and 0 < test_frac < 1")
+    _check_doses(recipe["design"]["doses"], where)
+    _check_categories(recipe["design"], d, where)
+
+
+def _check_doses(doses: list, where: str) -> None:
+    """Off (empty), or at least two distinct numbers in [0, 1]: a slope needs two points."""
+    from kmismatch_lite.dose import check_doses
+
+    if not doses:
+        return
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in doses):
+        raise KmmError(f"{where}: design.doses must be a list of numbers, got {doses!r}")
+    try:
+        check_doses(doses)
+    except KmmError as exc:
+        raise KmmError(f"{where}: design.doses: {exc}") from None
+    if len(doses) < 2:
+        raise KmmError(f"{where}: design.doses needs at least two doses for a dose-response slope, got {doses!r}")
+
+
+def _check_categories(design: dict, d: dict, where: str) -> None:
+    """The categories mode and SliCK's K and M; sampled answers (M > 0) are not available yet."""
+    from math import comb
+
+    mode, k, m = design["categories"], design["slick_prompts"], design["slick_samples"]
+    if mode not in CATEGORY_MODES:
+        raise KmmError(f"{where}: design.categories: unknown mode '{mode}' (choose from \"cheap\", \"slick\", "
+                       f"or \"\" for none)")
+    if k < 1 or m < 0:
+        raise KmmError(f"{where}: design.slick_prompts must be >= 1 and design.slick_samples >= 0")
+    if mode != "slick":
+        return
+    if m > 0:
+        raise KmmError(f"{where}: design.slick_samples = {m}: SliCK's sampled answers need seeded temperature "
+                       f"sampling, which the generation backends do not offer; set design.slick_samples = 0 "
+                       f"(WeaklyKnown then counts as Unknown) or design.categories = \"cheap\"")
+    if k > 1 and (d["shots"] < 1 or comb(d["exemplars"], d["shots"]) < k):
+        raise KmmError(f"{where}: design.slick_prompts = {k} needs {k} different sets of data.shots = "
+                       f"{d['shots']} exemplars out of data.exemplars = {d['exemplars']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmismatch_lite import scoring, stats
+from kmismatch_lite import report_designs, scoring, stats
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import atomic_path, write_json, write_jsonl, write_text
 
@@ -18,10 +18,15 @@ LABELS = {
 ALPHA = 0.05
 
 
+def tally_of(metrics: dict) -> dict:
+    """The counts and rates of an evaluation's metrics.json (no timings or file names)."""
+    return {k: v for k, v in metrics.items()
+            if k in scoring.Tally.__dataclass_fields__ or k.endswith("_rate") or k == "precision"}
+
+
 def results(recipe: dict, evaluated: dict, set_stats: dict, models: dict) -> dict:
     """Every figure of protocol steps 4 and 6; nothing time-dependent, so reruns compare equal."""
-    conditions = {c: {k: v for k, v in m.items() if k in scoring.Tally.__dataclass_fields__ or k.endswith("_rate") or k == "precision"}
-                  for c, (_, m) in evaluated.items()}
+    conditions = {c: tally_of(m) for c, (_, m) in evaluated.items()}
     wrong = {c: [s["verdict"] == scoring.WRONG for s in samples] for c, (samples, _) in evaluated.items()}
     test = stats.paired_wrong_test(wrong["teacher"], wrong["self"], n_boot=recipe["report"]["bootstrap"],
                                    seed=recipe["seed"])
@@ -92,7 +97,7 @@ questions, {res['n_test']} test questions (no subject shared with training).
 {header}{body}
 ![correct, wrong and abstained answers per condition](report.png)
 
-## What the numbers mean
+{report_designs.markdown(res)}## What the numbers mean
 
 - **correct**: a gold answer (or an alias) appears in the answer; **wrong**: an answer was given and
   it is not a gold one (a hallucination); **abstained**: the model said "I don't know" or similar.
@@ -150,6 +155,7 @@ def write(out: Path, res: dict, samples: dict[str, list[dict]]) -> None:
     for cond, rows in samples.items():
         write_jsonl(out / "samples" / f"{cond}.jsonl", rows)
     chart(res, out / "report.png")
+    report_designs.figures([("", res)], res, out)
     write_text(out / "report.md", markdown(res))
     write_json(out / "results.json", res)
 
@@ -205,7 +211,7 @@ def pooled_results(out: Path, the_plan, cell_results: list[dict]) -> dict:
         n_boot = the_plan.cells_at(point)[0].recipe["report"]["bootstrap"]
         pooled = stats.pool_seeds(pairs, n_boot=n_boot) if len(at) > 1 else None
         points.append({"point": point, "seeds": [c["seed"] for c in at], "pooled": pooled,
-                       "conclusion": _conclusion(pooled)})
+                       "conclusion": _conclusion(pooled), **report_designs.pooled(out, at, n_boot)})
     first = cells[0]
     return {"recipe": first["recipe"], "student": first["student"], "teacher": first["teacher"],
             "dataset": first["dataset"], "seeds": the_plan.seeds, "sweep": the_plan.grid,
@@ -292,7 +298,8 @@ def pooled_markdown(res: dict) -> str:
                  + "".join(f"| {' | '.join(map(str, r))} |\n" for r in rows))
         extra = heterogeneity_text(e["pooled"]) if e["pooled"] else ""
         title = point_label(e["point"]) if res["sweep"] else "Seeds"
-        sections.append(f"### {title}\n\n{table}\n{extra}\n\n")
+        designs = report_designs.markdown(e, "####", images=False)
+        sections.append(f"### {title}\n\n{table}\n{extra}\n\n{designs}")
     cells = ", ".join(f"[{c['folder']}]({c['folder']}/report.md)" for c in res["cells"])
     return f"""# Knowledge mismatch over seeds: {res['student']} (student) and {res['teacher']} (teacher)
 
@@ -303,7 +310,7 @@ Hypothesis: {res['statement']}.
 
 {lead}
 
-{''.join(sections)}
+{''.join(sections)}{report_designs.image_links(res['points'][0])}
 ![each seed's difference in wrong-answer rate with its interval, and the pooled one](forest.png)
 
 ## What the numbers mean
@@ -373,6 +380,7 @@ def write_pooled(out: Path, the_plan, cell_results: list[dict]) -> dict:
     """results.json, report.md and forest.png of a many-cell run; returns the results."""
     res = pooled_results(out, the_plan, cell_results)
     forest(res, out / "forest.png")
+    report_designs.figures([(point_label(e["point"]) if res["sweep"] else "", e) for e in res["points"]], res, out)
     write_text(out / "report.md", pooled_markdown(res))
     write_json(out / "results.json", res)
     return res

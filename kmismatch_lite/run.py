@@ -2,9 +2,11 @@
 
 The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
-self, teacher, base_teacher) -> report. Each stage writes its folder atomically with a `stage.json`
-holding a key over its inputs; a stage whose key is unchanged is reused, and a stage that several
-cells share runs once. With several seeds, the report pools them (report.py, stats.py).
+self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
+fine-tune and an evaluation per dose, and the SliCK prompts' evaluations. Each stage writes its
+folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
+unchanged is reused, and a stage that several cells share runs once. With several seeds, the
+report pools them (report.py, stats.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kmismatch_lite import cards, check, data, plan as planning, prompts, recipes, scoring
+from kmismatch_lite import categories, cards, check, data, dose, plan as planning, prompts, recipes, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.io import atomic_dir, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
+from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
+                               write_jsonl)
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
@@ -143,6 +146,7 @@ class CellRun:
 
     def __post_init__(self) -> None:
         self.recipe = self.cell.recipe
+        self.dose_stats: dict | None = None
         self.model_keys = {r: (m.name, sha256_file(m.gguf_path) if m.gguf_path else m.url)
                            for r, m in self.models.items()}
 
@@ -164,20 +168,22 @@ class CellRun:
         folder, key = self.run.stage(self.cell.stages["data"], {"data": d, "seed": seed}, work)
         self.train = _questions(read_jsonl(folder / "train.jsonl"))
         self.test = _questions(read_jsonl(folder / "test.jsonl"))
+        self.exemplars = _questions(read_jsonl(folder / "exemplars.jsonl"))
         self.few_shot = prompts.PromptTemplate((folder / "prompt.txt").read_text(encoding="utf-8"))
         return key
 
     def answers(self, name: str, role: str, split: str, template: prompts.PromptTemplate, data_key: str,
                 adapter: tuple[Path, str] | None = None) -> tuple[Path, str]:
         """A generate or evaluate stage: `role` answers the `split` questions, scored (steps 2, 6)."""
-        stage, section = self.cell.stages[name], self.recipe[name.split("/")[0]]
+        stage = self.cell.stages[name]
+        section = self.recipe["generate" if name.startswith("generate/") else "evaluate"]
         questions, options = getattr(self, split), section["options"]
         if self.models[role].served:
             # Outside the stage's temporary folder, so answers survive an interruption.
             cache = self.run.out / "cache" / f"{stage.folder.replace('/', '-')}.jsonl"
             options = {"cache": str(cache), **options}
         inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section}
-        if name.startswith("evaluate/"):
+        if not name.startswith("generate/"):
             inputs["adapter"] = adapter[1] if adapter else None
 
         def work(tmp: Path) -> None:
@@ -209,29 +215,62 @@ class CellRun:
         return self.run.stage(self.cell.stages["sets"],
                               {"teacher": gen["teacher"][1], "student": gen["student"][1]}, work)
 
+    def _finetune(self, name: str, set_file: Path, set_key: dict) -> tuple[Path, str]:
+        """Protocol step 5 for one set: a LoRA on the student, exported for llama.cpp."""
+        f = self.recipe["finetune"]
+
+        def work(tmp: Path) -> None:
+            from kmismatch_lite.finetune import finetune
+
+            finetune(self.recipe["models"]["student"], set_file, tmp, backend=f["backend"],
+                     settings={"seed": self.recipe["seed"], **f["lora"]}, verify=f["verify"],
+                     progress_factory=self.run.progress_factory)
+
+        folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"],
+                                     {**set_key, "student": self.model_keys["student"], "finetune": f}, work)
+        return folder / "adapter.gguf", key
+
     def finetune(self, sets_dir: Path, sets_key: str) -> dict[str, tuple[Path, str]]:
-        """Protocol step 5: a LoRA on each set, exported for llama.cpp."""
-        f, adapters = self.recipe["finetune"], {}
-        for name in ("self", "teacher"):
-            def work(tmp: Path, name: str = name) -> None:
-                from kmismatch_lite.finetune import finetune
+        """Protocol step 5: a LoRA on each of the two sets."""
+        return {name: self._finetune(name, sets_dir / f"{name}.jsonl", {"sets": sets_key, "set": name})
+                for name in ("self", "teacher")}
 
-                finetune(self.recipe["models"]["student"], sets_dir / f"{name}.jsonl", tmp,
-                         backend=f["backend"], settings={"seed": self.recipe["seed"], **f["lora"]},
-                         verify=f["verify"], progress_factory=self.run.progress_factory)
+    def dose_sets(self, gen: dict[str, tuple[list[dict], str]]) -> tuple[Path, str]:
+        """Protocol step 9: the nested mismatch-dose sets, from the generation stage's answers."""
+        doses, seed = self.recipe["design"]["doses"], self.recipe["seed"]
 
-            folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"],
-                                         {"sets": sets_key, "set": name, "student": self.model_keys["student"],
-                                          "finetune": f}, work)
-            adapters[name] = (folder / "adapter.gguf", key)
+        def work(tmp: Path) -> None:
+            built = dose.dose_sets(self.train, gen["teacher"][0], gen["student"][0], doses, seed=seed)
+            for ds in built:
+                write_jsonl(tmp / f"{ds.name}.jsonl", ds.rows)
+            write_json(tmp / "stats.json", {ds.name: ds.stats for ds in built})
+
+        return self.run.stage(self.cell.stages["dose_sets"], {"teacher": gen["teacher"][1],
+                              "student": gen["student"][1], "doses": doses, "seed": seed}, work)
+
+    def finetune_doses(self, gen: dict, sets_dir: Path, self_adapter: tuple[Path, str]) -> dict[str, tuple[Path, str]]:
+        """A LoRA per dose; dose 0 is the self set, so it takes the self fine-tune (checked)."""
+        dose_dir, _ = self.dose_sets(gen)
+        adapters = {}
+        for d in map(float, self.recipe["design"]["doses"]):
+            name = dose.dose_name(d)
+            if d == 0.0:
+                if read_jsonl(dose_dir / f"{name}.jsonl") != read_jsonl(sets_dir / "self.jsonl"):
+                    raise RuntimeError("the dose-0 set differs from the self set it shares stages with")
+                adapters[name] = self_adapter
+            else:
+                # Keyed by the set's content: a dose added later leaves the other doses' fine-tunes be.
+                path = dose_dir / f"{name}.jsonl"
+                adapters[name] = self._finetune(name, path, {"set_sha256": sha256_file(path), "set": name})
+        self.dose_stats = json.loads((dose_dir / "stats.json").read_text())
         return adapters
 
     def evaluate(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> dict[str, tuple[list, dict]]:
-        """Protocol step 6: the four conditions answer the test questions."""
+        """Protocol step 6: the base models (few-shot) and each fine-tuned student (zero-shot)
+        answer the test questions."""
         zero_shot = prompts.PromptTemplate()
         conditions = {"base_student": ("student", self.few_shot, None),
-                      "self": ("student", zero_shot, adapters["self"]),
-                      "teacher": ("student", zero_shot, adapters["teacher"]),
+                      **{name: ("student", zero_shot, adapter) for name, adapter in adapters.items()},
                       "base_teacher": ("teacher", self.few_shot, None)}
         evaluated = {}
         for cond, (role, template, adapter) in conditions.items():
@@ -239,18 +278,53 @@ class CellRun:
             evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
         return evaluated
 
+    def categories(self, data_key: str, base_student: list[dict]) -> dict[str, str] | None:
+        """Protocol step 10: each test question's knowledge category from the base student's
+        greedy answers (cheap: its one few-shot run; SliCK: K few-shot prompts)."""
+        design = self.recipe["design"]
+        if design["categories"] == "cheap":
+            return categories.categorize_cheap(base_student)
+        if design["categories"] != "slick":
+            return None
+        templates = categories.slick_templates(self.exemplars, design["slick_prompts"],
+                                               self.recipe["data"]["shots"], self.recipe["seed"])
+        if templates[0].prefix != self.few_shot.prefix:
+            raise RuntimeError("SliCK's first prompt is not the run's few-shot prompt")
+        runs = [base_student]
+        for i, template in enumerate(templates[1:], start=2):
+            folder, _ = self.answers(f"slick/prompt-{i}", "student", "test", template, data_key)
+            runs.append(read_jsonl(folder / "samples.jsonl"))
+        # M = 0 (checked with the recipe): no sampled answers, so WeaklyKnown merges into Unknown.
+        return categories.categorize(categories.verdicts_by_question(runs))
+
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
     """Every stage of one cell, then its results, report and samples in the cell's folder."""
-    from kmismatch_lite import report
-
     c = CellRun(run, cell, models)
     data_key = c.data()
-    sets_dir, sets_key = c.sets(c.generate(data_key))
-    evaluated = c.evaluate(data_key, c.finetune(sets_dir, sets_key))
+    gen = c.generate(data_key)
+    sets_dir, sets_key = c.sets(gen)
+    adapters = c.finetune(sets_dir, sets_key)
+    if cell.recipe["design"]["doses"]:
+        adapters.update(c.finetune_doses(gen, sets_dir, adapters["self"]))
+    evaluated = c.evaluate(data_key, adapters)
+    cats = c.categories(data_key, evaluated["base_student"][0])
     set_stats = json.loads((sets_dir / "stats.json").read_text())
-    res = report.results(cell.recipe, evaluated, set_stats, models)
-    report.write(run.out / cell.folder, res, {cond: s for cond, (s, _) in evaluated.items()})
+    return _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats)
+
+
+def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None) -> dict:
+    """results.json, report.md, figures, samples and categories.json of one cell."""
+    from kmismatch_lite import report, report_designs
+
+    paper = {cond: evaluated[cond] for cond in CONDITIONS}
+    res = report.results(c.recipe, paper, set_stats, c.models)
+    res.update(report_designs.cell_results(c.recipe, evaluated, c.dose_stats, cats))
+    if cats is not None:
+        write_json(out / "categories.json", cats)
+    else:
+        (out / "categories.json").unlink(missing_ok=True)
+    report.write(out, res, {cond: s for cond, (s, _) in evaluated.items()})
     return res
 
 
@@ -301,12 +375,18 @@ def _record_served(out: Path, cell: planning.Cell, models: dict[str, cards.Model
 
 def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
     """Run every cell of the recipe's plan into `out`; returns results.json's content with the
-    seconds taken and the stages run and reused."""
+    seconds taken and the stages run and reused. A second run on the same folder waits for the
+    first, then reuses its stages."""
+    with run_lock(out, log=log):
+        return _execute(recipe, out, log=log, progress_factory=progress_factory)
+
+
+def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_factory) -> dict:
     from kmismatch_lite import report, stats
 
     t_start = time.perf_counter()
     the_plan = planning.build(recipe)
-    if len(the_plan.seeds) > 1:
+    if len(the_plan.seeds) > 1 or recipe["design"]["doses"]:
         stats.require_pooling()
     models = _models(the_plan)
     first = the_plan.cells[0]

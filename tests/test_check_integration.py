@@ -169,14 +169,15 @@ def test_teacher_knows_more_than_student(lib_runs):
 @pytest.mark.integration
 @pytest.mark.parametrize("name", [STUDENT, TEACHER])
 def test_prefix_cache_matches_fresh_create_completion(eighty, name):
-    """The generator (few-shot prefix evaluated once) answers as a fresh create_completion does."""
+    """The one-at-a-time generator (few-shot prefix evaluated once) answers as a fresh
+    create_completion does (batched decoding: test_llamacpp_batched.py)."""
     _need(name)
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator, _quiet_llama
 
     questions, template = eighty
     rendered = [template.render(q.question) for q in questions[:30]]
     model = cards.resolve(name)
-    gen = LlamaCppGenerator(model, seed=0)
+    gen = LlamaCppGenerator(model, seed=0, parallel=1)
     ours = gen.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
     gen.close()
     llm = _quiet_llama(model_path=str(model.gguf_path), n_ctx=1024, seed=0, n_batch=512,

@@ -1,5 +1,6 @@
-"""llama.cpp GGUF generation (llama-cpp-python): greedy decoding with the KV cache of the
-longest shared token prefix kept between prompts, so a few-shot prefix is evaluated once."""
+"""llama.cpp GGUF generation (llama-cpp-python), greedy. By default several prompts are decoded
+together (llamacpp_batch) after their shared prefix is evaluated once; with `parallel=1`, one
+prompt at a time, keeping the KV cache of the prefix shared with the previous prompt."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
 
-OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float}
+OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int}
+
+# Answers decoded at once (bench/check_speed.py measures the choice).
+PARALLEL = 16
 
 # OpenMP's wait policy is left to the user: GNU OpenMP's default (spin briefly, then sleep) ran
 # 2.8x faster than OMP_WAIT_POLICY=passive on an idle 2-core machine (18.5 vs 6.6 q/s), while on a
@@ -39,7 +43,9 @@ class LlamaCppGenerator:
 
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
-                 lora_scale: float = 1.0):
+                 lora_scale: float = 1.0, parallel: int = PARALLEL):
+        if parallel < 1:
+            raise KmmError(f"parallel must be at least 1 (got {parallel})")
         if adapter is not None:
             from kmismatch_lite.export_gguf import check_adapter
 
@@ -49,19 +55,26 @@ class LlamaCppGenerator:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise missing_extra("llama-cpp-python", "llamacpp") from None
-        self.model, self.adapter, self.seed = model, adapter, seed
+        self.model, self.adapter, self.seed, self.parallel = model, adapter, seed, parallel
         if n_gpu_layers is None:
             n_gpu_layers = -1 if _gpu_offload() else 0
+        threads = threads or max(1, (os.cpu_count() or 2))
         try:
             self.llm = _quiet_llama(
                 model_path=str(model.gguf_path), n_ctx=n_ctx, seed=seed,
-                n_threads=threads or max(1, (os.cpu_count() or 2)), n_batch=512,
-                n_gpu_layers=n_gpu_layers,
+                n_threads=threads, n_batch=512, n_gpu_layers=n_gpu_layers,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise KmmError(f"llama.cpp could not load {model.gguf_path} (corrupt or truncated file?): {exc}") from None
+        contexts = [self.llm._ctx.ctx]
+        self._batched = None
+        if parallel > 1:
+            from kmismatch_lite.backends.llamacpp_batch import BatchDecoder
+
+            self._batched = BatchDecoder(self.llm, parallel, self.llm.n_ctx(), threads)
+            contexts.append(self._batched.ctx.ctx)
         if adapter is not None:
-            _apply_lora(self.llm, Path(adapter), lora_scale)
+            _apply_lora(self.llm, Path(adapter), lora_scale, contexts)
         self._eos = {self.llm.token_eos()}
         eot = getattr(self.llm, "_model", None)
         if eot is not None and hasattr(eot, "token_eot"):
@@ -72,7 +85,8 @@ class LlamaCppGenerator:
         import llama_cpp
 
         return {"backend": self.name, "llama_cpp_python": llama_cpp.__version__,
-                "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None}
+                "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None,
+                "parallel": self.parallel}
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -87,11 +101,16 @@ class LlamaCppGenerator:
         self.llm.eval(tokens[keep:])
         self._cached = list(tokens)
 
+    def _tokens(self, prompt: str, max_tokens: int) -> list[int]:
+        """The prompt's tokens; an error if they and the answer do not fit the context."""
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        if len(tokens) + max_tokens > self.llm.n_ctx():
+            raise KmmError(f"prompt of {len(tokens)} tokens does not fit the context of {self.llm.n_ctx()}")
+        return tokens
+
     def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         llm = self.llm
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
-        if len(tokens) + max_tokens > llm.n_ctx():
-            raise KmmError(f"prompt of {len(tokens)} tokens does not fit the context of {llm.n_ctx()}")
+        tokens = self._tokens(prompt, max_tokens)
         self._eval_prompt(tokens)
         out = b""
         for _ in range(max_tokens):
@@ -111,11 +130,14 @@ class LlamaCppGenerator:
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
                  progress=None) -> list[str]:
-        return answer_each(self._complete, prompts, max_tokens, stop, progress)
+        if self._batched is None:
+            return answer_each(self._complete, prompts, max_tokens, stop, progress)
+        token_lists = [self._tokens(p, max_tokens) for p in prompts]
+        return self._batched.generate(token_lists, max_tokens, stop, self._eos, progress)
 
 
-def _apply_lora(llm, adapter: Path, scale: float) -> None:
-    """Load a GGUF LoRA onto the model. Not through Llama(lora_path=...): llama-cpp-python misses
+def _apply_lora(llm, adapter: Path, scale: float, contexts: list) -> None:
+    """Load a GGUF LoRA onto the model and apply it in each context. Not through Llama(lora_path=...): llama-cpp-python misses
     the NULL that llama.cpp returns for a bad adapter (another base, not a LoRA, truncated) and
     then segfaults."""
     import llama_cpp
@@ -129,8 +151,9 @@ def _apply_lora(llm, adapter: Path, scale: float) -> None:
                        f"truncated, or made for another base model than {llm.model_path}")
     llm._stack.callback(llama_cpp.llama_adapter_lora_free, lora)
     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
-    if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
-        raise KmmError(f"llama.cpp could not apply the adapter {adapter}")
+    for ctx in contexts:
+        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+            raise KmmError(f"llama.cpp could not apply the adapter {adapter}")
 
 
 def _gpu_offload() -> bool:

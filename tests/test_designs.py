@@ -1,0 +1,190 @@
+"""The recipe's [design] without a model: its settings checked strictly, the stages it adds to
+the plan (dose 0 sharing the self stages), and its results, tables and figures from hand-made
+evaluations."""
+
+from collections import Counter
+
+import pytest
+
+from kmismatch_lite import plan, recipes, report_designs, scoring
+from kmismatch_lite.errors import KmmError
+from kmismatch_lite.io import write_jsonl
+
+C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED
+
+
+def load(*settings):
+    return recipes.load("smoke", list(settings))
+
+
+# --- recipe settings ---
+
+def test_design_is_off_by_default_and_doses_parse_from_the_command_line():
+    r = load()
+    assert r["design"] == {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4}
+    assert plan.design_stages(r) == {}
+    assert load("design.doses=0,0.5,1")["design"]["doses"] == [0.0, 0.5, 1.0]
+    assert load("design.doses=0,1", "design.doses=")["design"]["doses"] == []
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["design.doses=0,1.5"], "outside"),
+    (["design.doses=0.5,0.5"], "twice"),
+    (["design.doses=0.5"], "at least two doses"),
+    (["design.categories=all"], "unknown mode 'all'"),
+    (["design.categories=slick"], "need seeded temperature sampling"),
+    (["design.categories=slick", "design.slick_samples=0", "design.slick_prompts=0"], "slick_prompts must be >= 1"),
+    (["design.categories=slick", "design.slick_samples=0", "data.shots=0"], "different sets"),
+    (["design.doses=0,x"], "bad value"),
+    (["sweep.design.categories=cheap,slick"], "design settings cannot be swept"),
+    (["design.dose=0,1"], "unknown setting 'design.dose'"),
+])
+def test_bad_design_settings_name_the_problem(settings, message):
+    with pytest.raises(KmmError, match=message):
+        load(*settings)
+
+
+def test_doses_in_a_recipe_file_must_be_numbers(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text((recipes.RECIPES_DIR / "smoke.toml").read_text() + '\n[design]\ndoses = [0, "1"]\n')
+    with pytest.raises(KmmError, match="list of numbers"):
+        recipes.load(str(path))
+    path.write_text((recipes.RECIPES_DIR / "smoke.toml").read_text() + '\n[design]\ndoses = 1\n')
+    with pytest.raises(KmmError, match="'design.doses' must be list"):
+        recipes.load(str(path))
+
+
+def test_the_bundled_dose_recipe_loads():
+    r = recipes.load("mismatch-dose")
+    assert r["seeds"] == [0, 1, 2] and r["design"]["doses"] == [0, 0.25, 0.5, 0.75, 1]
+    assert r["design"]["categories"] == "slick" and r["design"]["slick_samples"] == 0
+
+
+# --- the plan ---
+
+def test_doses_add_one_finetune_and_evaluation_per_dose_and_dose_zero_is_the_self_stage():
+    p = plan.build(load("seeds=0,1", "design.doses=0,0.5,1"))
+    counts = Counter(s.name for s in p.stages())
+    for name in ("dose_sets", "finetune/dose-0.5", "evaluate/dose-0.5", "finetune/dose-1", "evaluate/dose-1"):
+        assert counts[name] == 2, name
+    assert "finetune/dose-0" not in counts and "evaluate/dose-0" not in counts
+    stages = p.cells[1].stages
+    assert stages["finetune/dose-0"] is stages["finetune/self"]
+    assert stages["evaluate/dose-0"].folder == "seed-1/evaluate/self"
+    assert stages["finetune/dose-1"].needs == {"dose_sets": "seed-1/dose_sets"}
+    assert stages["dose_sets"].needs == {"generate/teacher": "seed-1/generate/teacher",
+                                         "generate/student": "seed-1/generate/student"}
+
+
+def test_slick_adds_one_stage_per_extra_prompt_and_cheap_adds_none():
+    r = load("design.categories=slick", "design.slick_samples=0", "design.slick_prompts=3")
+    assert list(plan.design_stages(r)) == ["slick/prompt-2", "slick/prompt-3"]
+    assert plan.design_stages(load("design.categories=cheap")) == {}
+
+
+def test_a_finetune_sweep_gives_dose_finetunes_per_point_and_dose_sets_per_seed():
+    p = plan.build(load("seeds=0", "design.doses=0,1", "sweep.finetune.lora.rank=4,8"))
+    counts = Counter(s.name for s in p.stages())
+    assert counts["dose_sets"] == 1 and counts["finetune/dose-1"] == 2 and counts["evaluate/dose-1"] == 2
+    assert p.cells[1].stages["finetune/dose-1"].folder == "seed-0/finetune.lora.rank=8/finetune/dose-1"
+
+
+# --- results, tables and figures from hand-made evaluations ---
+
+def rows(verdicts):
+    return [{"id": f"q{i}", "answers": ["Paris"], "output": "Paris" if v == C else "x" if v == W else "I don't know",
+             "verdict": v} for i, v in enumerate(verdicts)]
+
+
+def metrics(samples):
+    t = scoring.tally([s["verdict"] for s in samples], [s["verdict"] == C for s in samples])
+    return t.as_dict()
+
+
+def evaluated(shift=0):
+    base = [C, C, W, W, W, A]
+    table = {"base_student": base, "self": [C, C, A, A, W, A], "teacher": [C, A, W, W, A, A],
+             "dose-0": [C, C, A, A, W, A], "dose-1": [C, W, W, W, W, A], "base_teacher": [C, C, C, W, W, A]}
+    table["dose-1"] = table["dose-1"][shift:] + table["dose-1"][:shift]
+    return {c: (rows(v), metrics(rows(v))) for c, v in table.items()}
+
+
+def cell(ev, categories="cheap"):
+    recipe = load("design.doses=0,1", f"design.categories={categories}",
+                  *(["design.slick_samples=0"] if categories == "slick" else []))
+    cats = {r["id"]: "Known" if r["verdict"] == C else "Unknown" for r in ev["base_student"][0]}
+    stats = {n: {"mismatch_answered": k, "mismatch_pool": 3} for n, k in (("dose-0", 0), ("dose-1", 3))}
+    return report_designs.cell_results(recipe, ev, stats, cats)
+
+
+def test_cell_results_hold_rates_slope_and_categories():
+    res = cell(evaluated())
+    d = res["dose"]
+    assert d["doses"] == [0.0, 1.0] and d["mismatch_answered"] == [0, 3]
+    wrong = d["response"][W]
+    assert wrong["rates"] == pytest.approx([1 / 6, 4 / 6]) and wrong["slope"] == pytest.approx(0.5)
+    assert wrong["slope_ci"][0] <= 0.5 <= wrong["slope_ci"][1]
+    c = res["categories"]
+    assert c["mode"] == "cheap" and c["counts"] == {"Known": 2, "Unknown": 4}
+    assert c["by_condition"]["dose-1"]["Known"]["wrong"] == 1
+    assert c["by_condition"]["dose-1"]["Unknown"]["share_of_wrong"] == pytest.approx(3 / 4)
+
+
+def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
+    cells = []
+    for seed, shift in enumerate((0, 1)):
+        ev = evaluated(shift)
+        folder = tmp_path / f"seed-{seed}"
+        for cond, (samples, _) in ev.items():
+            write_jsonl(folder / "samples" / f"{cond}.jsonl", samples)
+        cells.append({"folder": f"seed-{seed}", "conditions": {c: m for c, (_, m) in ev.items()}, **cell(ev)})
+    pooled = report_designs.pooled(tmp_path, cells, n_boot=200)
+    assert pooled["dose"]["response"][W]["seeds"] == 2
+    assert pooled["dose"]["mismatch_answered"] == [0, 3]
+    k = pooled["categories"]["by_condition"]["dose-1"]
+    per_seed = [c["categories"]["by_condition"]["dose-1"]["Known"]["wrong"] for c in cells]
+    assert k["Known"]["n"] == 4 and k["Known"]["wrong"] == sum(per_seed)
+    assert sum(v["share_of_wrong"] for v in k.values()) == pytest.approx(1.0)
+    assert pooled["categories"]["seeds"] == 2
+
+
+def test_tables_markdown_and_figures(tmp_path):
+    res = {"student": "s", "teacher": "t", **cell(evaluated(), "slick")}
+    titles = [t[0] for t in report_designs.tables(res)]
+    assert titles[0].startswith("Mismatch dose") and "SliCK, 4 few-shot prompts greedily, 0 samples" in titles[1]
+    dose_rows = report_designs.dose_rows(res["dose"])
+    assert dose_rows[1][:2] == ["1", "3 of 3"] and dose_rows[1][3].startswith("66.7% [")
+    assert "+50.0 points per unit dose" in report_designs.dose_text(res["dose"])
+    md = report_designs.markdown(res)
+    assert "## Mismatch dose" in md and "| dose-1 | 1 / 2 (25%) | 3 / 4 (75%) |" in md and "(dose.png)" in md
+    report_designs.figures([("", res)], res, tmp_path)
+    assert (tmp_path / "dose.png").stat().st_size > 1000 and (tmp_path / "categories.png").stat().st_size > 1000
+    assert report_designs.markdown({}) == "" and report_designs.tables({}) == []
+
+
+def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import run_kmm
+    from kmismatch_lite import report
+
+    p = plan.build(load("seeds=0,1", "design.doses=0,1", "design.categories=cheap", "report.bootstrap=200"))
+    models = {role: SimpleNamespace(name=role) for role in ("student", "teacher")}
+    results = []
+    for c, shift in zip(p.cells, (0, 2)):
+        ev = evaluated(shift)
+        for cond, (samples, _) in ev.items():
+            write_jsonl(tmp_path / c.folder / "samples" / f"{cond}.jsonl", samples)
+        paper = {k: ev[k] for k in ("base_student", "self", "teacher", "base_teacher")}
+        res = report.results(c.recipe, paper, {"n": 6, "mismatch_rate": 0.5}, models)
+        results.append({**res, **cell(ev)})
+    res = report.write_pooled(tmp_path, p, results)
+    entry = res["points"][0]
+    assert entry["dose"]["response"][W]["seeds"] == 2 and entry["categories"]["seeds"] == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "#### Mismatch dose" in md and "#### Knowledge categories" in md and "Over 2 seeds" in md
+    assert md.count("(dose.png)") == 1
+    assert (tmp_path / "dose.png").is_file() and (tmp_path / "categories.png").is_file()
+    proc = run_kmm("report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Mismatch dose" in proc.stdout and "summed over seeds" in proc.stdout

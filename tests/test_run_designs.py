@@ -1,0 +1,99 @@
+"""The smoke recipe with two mismatch doses (0 and 1) and knowledge categories, one seed, end to
+end on the real bundled models: the dose-1 set fine-tuned and evaluated, dose 0 taken from the
+self stages, SliCK's extra prompts evaluated, the tables and figures written and printed; a rerun
+in cheap mode reuses every stage."""
+
+import json
+import re
+
+import pytest
+
+from conftest import run_kmm
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+pytest.importorskip("llama_cpp", reason="needs the llamacpp extra")
+pytest.importorskip("peft", reason="needs the torch extra")
+pytest.importorskip("scipy", reason="needs the stats extra")
+
+DESIGN = ("-s", "design.doses=0,1", "-s", "design.categories=slick", "-s", "design.slick_samples=0",
+          "-s", "design.slick_prompts=2")
+
+
+def kmm_run(out, *settings):
+    proc = run_kmm("run", "smoke", "--out", str(out), *settings, cwd=out.parent, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def designed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("designs") / "run"
+    return out, kmm_run(out, *DESIGN)
+
+
+def test_dose_stages_and_dose_zero_shares_the_self_stages(designed):
+    out, proc = designed
+    ran = re.findall(r"stage (\S+): running", proc.stderr)
+    for stage in ("dose_sets", "finetune/dose-1", "evaluate/dose-1", "slick/prompt-2"):
+        assert stage in ran
+    assert not any("dose-0" in s for s in ran)
+    assert len(ran) == len(set(ran))
+    sets = out / "dose_sets"
+    assert sets.joinpath("dose-0.jsonl").read_text() == (out / "sets" / "self.jsonl").read_text()
+    assert (out / "finetune" / "dose-1" / "adapter.gguf").is_file()
+
+
+def test_results_hold_the_dose_table_and_categories(designed):
+    out, _ = designed
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["conditions"]) == {"base_student", "self", "teacher", "base_teacher"}
+    d = res["dose"]
+    assert d["doses"] == [0.0, 1.0]
+    assert d["conditions"]["dose-0"] == res["conditions"]["self"]
+    dose1 = [json.loads(x)["verdict"] for x in (out / "samples" / "dose-1.jsonl").read_text().splitlines()]
+    assert d["response"]["wrong"]["rates"][1] == pytest.approx(dose1.count("wrong") / len(dose1))
+    lo, hi = d["response"]["wrong"]["slope_ci"]
+    assert lo <= d["response"]["wrong"]["slope"] <= hi
+    c = res["categories"]
+    assert c["mode"] == "slick" and sum(c["counts"].values()) == res["n_test"]
+    assert set(c["counts"]) <= {"HighlyKnown", "MaybeKnown", "Unknown"}
+    for cond in ("base_student", "self", "teacher", "base_teacher", "dose-0", "dose-1"):
+        assert sum(t["wrong"] for t in c["by_condition"][cond].values()) == d["conditions"].get(
+            cond, res["conditions"].get(cond))["wrong"]
+    cats = json.loads((out / "categories.json").read_text())
+    assert len(cats) == res["n_test"]
+    for name in ("dose.png", "categories.png"):
+        assert (out / name).stat().st_size > 1000, name
+    report = (out / "report.md").read_text()
+    assert "## Mismatch dose" in report and "## Knowledge categories" in report
+
+
+def test_kmm_report_prints_the_designs(designed):
+    out, _ = designed
+    proc = run_kmm("report", str(out), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "Mismatch dose" in proc.stdout and "per unit dose" in proc.stdout
+    counts = json.loads((out / "results.json").read_text())["categories"]["counts"]
+    assert "Knowledge categories" in proc.stdout and all(cat in proc.stdout for cat in counts)
+
+
+def test_cheap_categories_rerun_reuses_every_stage(designed):
+    out, _ = designed
+    proc = kmm_run(out, *DESIGN[:4], "-s", "design.categories=cheap")
+    assert "running" not in proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["categories"]["mode"] == "cheap" and set(res["categories"]["counts"]) <= {"Known", "Unknown"}
+    base = [json.loads(x)["verdict"] for x in (out / "samples" / "base_student.jsonl").read_text().splitlines()]
+    assert res["categories"]["counts"].get("Known", 0) == base.count("correct")
+
+
+def test_a_dose_added_later_runs_only_its_own_stages(designed):
+    out, _ = designed
+    proc = kmm_run(out, "-s", "design.doses=0,0.5,1")
+    ran = re.findall(r"stage (\S+): running", proc.stderr)
+    assert sorted(ran) == ["dose_sets", "evaluate/dose-0.5", "finetune/dose-0.5"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["dose"]["doses"] == [0.0, 0.5, 1.0] and "categories" not in res
+    assert not (out / "categories.png").exists() and not (out / "categories.json").exists()
+    assert (out / "dose.png").is_file()
