@@ -53,7 +53,7 @@ def one(run_dir: Path, recipe: dict, lora: dict, seed: int, name: str, out: Path
     info = json.loads((ft.adapter_dir / "kmm_finetune.json").read_text())
     test = [Question(**r) for r in read_jsonl(run_dir / "data" / "test.jsonl")]
     res = check.evaluate(student, test, prompts.PromptTemplate(), adapter=ft.adapter_gguf,
-                         backend=recipe["evaluate"]["backend"], seed=recipe["seed"])
+                         backend=recipe["evaluate"]["backend"], seed=recipe["seed"], options=recipe["evaluate"]["options"])
     m = res.metrics
     row = {"n": m["n"], "abstained": m["abstained"], "wrong": m["wrong"], "correct": m["correct"],
            "dev_loss": info.get("dev_loss"), "final_loss": info["final_loss"], "steps": info["steps"],
