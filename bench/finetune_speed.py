@@ -1,33 +1,40 @@
-"""Is `kmm finetune` (torch backend) at least as fast as a plain peft training loop?
+"""How fast does `kmm finetune` (torch backend) train, against its float32 path and a plain peft loop?
 
-Both fine-tune the same LoRA (same model, settings, seed and examples: geonames training
-questions with their gold answers) for one epoch. The plain loop is what a user would write from
-the peft docs: examples padded to `max_length`, shuffled, `model(..., labels=...).loss`. Training
-tokens/s counts the real (non-padding) tokens of the examples divided by the training time (model
-loading and the GGUF export are left out of both). The machine is shared and its load drifts, so
-the two alternate, in flipping order, in every repeat; process CPU seconds per 1,000 tokens are
-reported too, as they move less with the load. Medians over repeats and their ratios are printed.
+Three ways fine-tune the same LoRA (same model, settings, seed and examples) for one epoch:
+`kmm finetune` as it is (bfloat16 matmuls, float32 LoRA), `kmm finetune` with
+`compute = "float32"` (the exact path, as it was before bfloat16), and the loop a user would write
+from the peft docs (examples padded to `max_length`, shuffled, `model(..., labels=...).loss`).
+Training tokens/s counts the real (non-padding) tokens divided by the training time (loading and
+the GGUF export are left out). The data are a quickstart fine-tuning set (`--data
+runs/quickstart/sets/self.jsonl`), or by default 400 built-in training questions with the gold
+answer on a seeded 30% and "I don't know" on the rest, as such a set looks. The machine may be
+shared and its load drifts, so the three alternate, in rotating order, in every repeat; process
+CPU seconds per 1,000 tokens are reported too, as they move less with the load. Medians over
+repeats and their ratios are printed.
 
-    python bench/finetune_speed.py [--model smollm2-135m-instruct] [-n 128] [--repeats 3]
+    python bench/finetune_speed.py [--data sets/self.jsonl] [--model smollm2-135m-instruct] [-n 400] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import peft
+import torch
 
-import peft  # noqa: E402
-import torch  # noqa: E402
+from kmismatch_lite import cards, data, prompts, scoring
+from kmismatch_lite.backends.torch_lora import load_base
+from kmismatch_lite.finetune import LoraSettings, finetune, read_examples
 
-from kmismatch_lite import cards, data, prompts  # noqa: E402
-from kmismatch_lite.backends.torch_lora import load_base  # noqa: E402
-from kmismatch_lite.finetune import LoraSettings, finetune  # noqa: E402
+SIDES = ["kmm bfloat16", "kmm float32", "plain peft"]
 
 
 def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tuple[float, float, int]:
@@ -48,7 +55,7 @@ def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tup
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=0.0)
     lm.train()
     tokens, wall, cpu = 0, time.perf_counter(), time.process_time()
-    for epoch in range(s.epochs):
+    for _ in range(s.epochs):
         for i in range(0, len(order), s.batch_size):
             ids, mask, labels = (torch.tensor(x) for x in zip(*[rows[j] for j in order[i:i + s.batch_size]]))
             loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -61,8 +68,6 @@ def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tup
 
 def ours(name: str, examples: list[dict], s: LoraSettings) -> tuple[float, float, int, float]:
     """finetune() itself; the training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
-    import json
-
     with tempfile.TemporaryDirectory() as tmp:
         cpu0 = time.process_time()
         res = finetune(name, examples, Path(tmp), settings=s)
@@ -72,33 +77,49 @@ def ours(name: str, examples: list[dict], s: LoraSettings) -> tuple[float, float
     return info["train_seconds"], cpu * info["train_seconds"] / res.seconds, info["tokens"], info["padding_waste"]
 
 
+def default_examples(n: int = 400, seed: int = 0) -> list[dict]:
+    """Built-in training questions with a quickstart-like mix of gold and abstain targets."""
+    rng = random.Random(seed)
+    return [{"question": q.question, "target": q.answers[0] if rng.random() < 0.3 else scoring.ABSTAIN_TARGET}
+            for q in data.load("geonames").train[:n]]
+
+
+def run_side(side: str, model: cards.Model, examples: list[dict], s: LoraSettings) -> tuple[float, float, float]:
+    """(tokens/s, cpu-s per 1k tokens, padding share) of one side."""
+    if side == "plain peft":
+        sec, cpu, tokens = plain_peft(model, examples, s)
+        waste = 1 - tokens / (len(examples) * s.max_length)
+    else:
+        sec, cpu, tokens, waste = ours(model.name, examples, replace(s, compute=side.split()[1]))
+    return tokens / sec, 1000 * cpu / tokens, waste
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("-n", type=int, default=128, help="training examples")
+    ap.add_argument("--data", type=Path, help="a fine-tuning set (JSONL question/target), e.g. a run's sets/self.jsonl")
+    ap.add_argument("-n", type=int, default=400, help="use the first N examples (tokens/s does not need them all)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model = cards.resolve(args.model)
-    examples = [{"question": q.question, "target": q.answers[0]} for q in data.load("geonames").train[:args.n]]
+    examples = (read_examples(args.data) if args.data else default_examples())[:args.n]
     s = LoraSettings(epochs=1)
-    print(f"{args.model}: {len(examples)} examples, rank {s.rank}, batch {s.batch_size}, max_length {s.max_length}, "
-          f"{os.cpu_count()} threads")
-    runs = {"kmm finetune": [], "plain peft": []}
+    print(f"{args.model}: {len(examples)} examples ({args.data or 'built-in'}), rank {s.rank}, batch {s.batch_size}, "
+          f"max_length {s.max_length}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    runs: dict[str, list] = {side: [] for side in SIDES}
     for r in range(args.repeats):
-        for side in (["kmm finetune", "plain peft"] if r % 2 == 0 else ["plain peft", "kmm finetune"]):
-            if side == "kmm finetune":
-                sec, cpu, tokens, waste = ours(args.model, examples, s)
-            else:
-                sec, cpu, tokens = plain_peft(model, examples, s)
-                waste = 1 - tokens / (len(examples) * s.max_length)
-            runs[side].append((tokens / sec, 1000 * cpu / tokens))
-            print(f"  repeat {r + 1} {side:13s} {tokens / sec:7.1f} tokens/s  {1000 * cpu / tokens:6.2f} cpu-s/1k tokens  "
-                  f"padding {waste:.0%}", flush=True)
+        for side in SIDES[r % 3:] + SIDES[:r % 3]:
+            tps, cpu, waste = run_side(side, model, examples, s)
+            runs[side].append((tps, cpu))
+            print(f"  repeat {r + 1} {side:13s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens  padding {waste:.0%}",
+                  flush=True)
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in runs.items()}
     for k, (tps, cpu) in med.items():
         print(f"median {k:13s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens")
-    print(f"ratio kmm/plain: {med['kmm finetune'][0] / med['plain peft'][0]:.2f}x tokens/s, "
-          f"{med['plain peft'][1] / med['kmm finetune'][1]:.2f}x less CPU per token")
+    new = med["kmm bfloat16"]
+    for other in SIDES[1:]:
+        print(f"ratio kmm bfloat16 / {other}: {new[0] / med[other][0]:.2f}x tokens/s, "
+              f"{med[other][1] / new[1]:.2f}x less CPU per token")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kmismatch_lite import prompts
 from kmismatch_lite.errors import KmmError
@@ -49,6 +49,20 @@ def n_batches(n_examples: int, batch_size: int) -> int:
     return -(-n_examples // batch_size)
 
 
+def n_dev(n_examples: int, dev_fraction: float) -> int:
+    """How many examples a dev split of `dev_fraction` holds out: at least one when asked for,
+    never all of them."""
+    if dev_fraction <= 0:
+        return 0
+    return min(max(1, round(n_examples * dev_fraction)), n_examples - 1)
+
+
+def dev_split(n_examples: int, dev_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, dev indices), both in the examples' order; the same seed, the same split."""
+    dev = set(random.Random(f"dev split {seed}").sample(range(n_examples), n_dev(n_examples, dev_fraction)))
+    return [i for i in range(n_examples) if i not in dev], sorted(dev)
+
+
 def batch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """Example indices per step: each epoch shuffled with the seed, sorted by length within chunks
     of CHUNK_BATCHES batches (so a batch pads little), then the batches shuffled again.
@@ -66,6 +80,14 @@ def batch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) 
         rng.shuffle(batches)
         plan += batches
     return plan
+
+
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step (0-based) of `steps`: 1 throughout for
+    "constant"; for "linear", from 1 at the first step down to 1/steps at the last."""
+    if schedule == "linear":
+        return lambda step: max(0.0, 1 - step / steps)
+    return lambda step: 1.0
 
 
 def collate(items: Sequence[Encoded], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:

@@ -29,6 +29,8 @@ MADE_UP = {"country_of_city": "Zubrovia", "capital": "Marandel", "currency": "Pi
 class CharTokenizer:
     """One token per character (ord + 10); BOS = 1 when `bos` is set, as a model's tokenizer would."""
 
+    pad_token_id = 0
+
     def __init__(self, bos: bool = True):
         self.bos_token_id = 1 if bos else None
 
@@ -146,6 +148,137 @@ def test_lora_arrays_are_hf_names_with_a_and_b_shapes():
     assert set(arrays) == {f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")}
     a, b = arrays["model.layers.0.mlp.down_proj"]
     assert a.shape == (4, 64) and b.shape == (32, 4) and a.dtype == np.float32
+
+
+def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
+    import peft
+    import torch
+
+    from kmismatch_lite.backends.torch_lora import compute_dtype
+
+    enc, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "a longer one?", "target": "e"}], 64)
+    batch = lora_data.collate(enc, pad_id=0)
+    losses = {}
+    for compute in ("float32", "bfloat16"):
+        model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+        used, autocast = compute_dtype(model, compute, "cpu")
+        with autocast():
+            loss = lora_data.target_loss(model.get_base_model(), batch)
+        loss.backward()
+        assert used == compute
+        base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        assert base.dtype == getattr(torch, compute)
+        lora = [p for p in model.parameters() if p.requires_grad]
+        assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
+        losses[compute] = loss.item()
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    assert compute_dtype(model, "bfloat16", "cuda")[0] == "as loaded"  # the loader chose the dtype there
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_training_lowers_the_loss_in_either_compute(compute):
+    """The optimizer's updates reach the forward pass (a bfloat16 copy of the LoRA weights cached
+    across steps would leave the loss where it started)."""
+    import peft
+
+    from kmismatch_lite.backends.torch_lora import _loop, compute_dtype
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    enc, _ = lora_data.encode(CharTokenizer(), [{"question": f"what {w}?", "target": w} for w in ("abc", "dog", "sky", "tree")], 64)
+    plan = [[0, 1, 2, 3]] * 20
+    _, autocast = compute_dtype(model, compute, "cpu")
+    log, _, _ = _loop(model, enc, plan, 0, LoraSettings(learning_rate=5e-2), None, "cpu", autocast=autocast)
+    assert log[-1]["loss"] < 0.97 * log[0]["loss"]          # a stale copy leaves it unchanged
+
+
+def test_threads_follow_omp_num_threads_else_the_usable_cores(monkeypatch):
+    import os
+
+    from kmismatch_lite.backends.torch_lora import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads() == len(os.sched_getaffinity(0))
+
+
+def test_compute_setting_is_checked():
+    assert LoraSettings().compute == "bfloat16"
+    with pytest.raises(KmmError, match="'compute' is out of range: 'float16' \\(one of bfloat16, float32\\)"):
+        LoraSettings.from_dict({"compute": "float16"})
+
+
+def test_dev_split_is_seeded_disjoint_and_sized():
+    train, dev = lora_data.dev_split(50, 0.1, seed=3)
+    assert (train, dev) == lora_data.dev_split(50, 0.1, seed=3)
+    assert dev != lora_data.dev_split(50, 0.1, seed=4)[1]
+    assert len(dev) == 5 and sorted(train + dev) == list(range(50)) and train == sorted(train)
+    assert lora_data.dev_split(50, 0.0, seed=3) == (list(range(50)), [])
+    assert [lora_data.n_dev(n, f) for n, f in ((3, 0.01), (1, 0.5), (10, 0.5))] == [1, 0, 5]
+
+
+def test_dev_check_keeps_the_best_epoch_and_stops_on_patience():
+    import peft
+    import torch
+
+    from kmismatch_lite.backends.torch_lora import DevCheck
+    from kmismatch_lite.finetune import LoraSettings
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    dev, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "xyz?", "target": "e"}], 64)
+    check = DevCheck(model, dev, 0, LoraSettings(batch_size=1, patience=2), "cpu")
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    assert not check.stop_after(1, 10)                  # epoch 1: the best so far
+    first = check.log[0]["dev_loss"]
+    with torch.no_grad():
+        lora_b.normal_(0, 5.0)                          # a LoRA that makes the dev loss worse
+    assert not check.stop_after(2, 20) and check.stop_after(3, 30)
+    assert all(r["dev_loss"] > first for r in check.log[1:])
+    check.restore()
+    assert check.loss() == pytest.approx(first) and not lora_b.abs().sum()
+    assert check.summary() == {"dev_examples": 2, "dev_loss": first, "best_epoch": 1, "best_step": 10,
+                               "dev_log": check.log}
+
+
+def test_fit_with_a_dev_split_logs_each_epoch_and_may_stop_early(tmp_path):
+    import peft
+
+    from kmismatch_lite.backends.torch_lora import fit
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    examples = [{"question": f"what is {w}?", "target": w[::-1]} for w in ("abc", "dog", "sky", "tree", "moon", "x", "yy", "sea")]
+    s = LoraSettings(epochs=6, batch_size=2, dev_fraction=0.25, patience=1, learning_rate=0.3, compute="float32",
+                     lr_schedule="linear")
+    out = fit(model, CharTokenizer(), examples, s, tmp_path)
+    dev_log = out["dev_log"]
+    assert out["dev_examples"] == 2 and [r["epoch"] for r in dev_log] == list(range(1, len(dev_log) + 1))
+    assert out["steps"] == len(out["log"]) == 3 * len(dev_log) == dev_log[-1]["step"]
+    assert out["dev_loss"] == min(r["dev_loss"] for r in dev_log)
+    if len(dev_log) < 6:                                  # stopped: its last epoch was not the best
+        assert dev_log[-1]["dev_loss"] > out["dev_loss"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("setting", [{"dev_fraction": 0.1}, {"lr_schedule": "linear"}])
+def test_mlx_refuses_the_torch_only_settings(tmp_path, setting):
+    from kmismatch_lite.finetune import finetune
+
+    with pytest.raises(KmmError, match="mlx backend trains with a constant rate"):
+        finetune(STUDENT, [{"question": "q?", "target": "a"}], tmp_path / "ft", backend="mlx", settings=setting)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_lr_schedules():
+    linear, constant = lora_data.lr_factor("linear", 4), lora_data.lr_factor("constant", 4)
+    assert [linear(i) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [constant(i) for i in range(4)] == [1.0] * 4
+
+
+def test_dev_settings_are_checked():
+    assert (LoraSettings().dev_fraction, LoraSettings().patience) == (0.0, 0)
+    for bad in ({"dev_fraction": 0.6}, {"dev_fraction": -0.1}, {"patience": -1}, {"lr_schedule": "cosine"}):
+        with pytest.raises(KmmError, match="out of range"):
+            LoraSettings.from_dict(bad)
 
 
 # ---------------------------------------------------------------- GGUF export

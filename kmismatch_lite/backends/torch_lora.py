@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kmismatch_lite.cards import Model
 from kmismatch_lite.errors import missing_extra
@@ -29,13 +29,22 @@ from kmismatch_lite.hf_from_gguf import hf_folder
 
 
 def load_base(model: Model):
-    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use
+    (OMP_NUM_THREADS, where set, says how many)."""
+    torch.set_num_threads(threads())
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one on stderr
     folder = hf_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     return lm, tokenizer
+
+
+def threads() -> int:
+    """OMP_NUM_THREADS where set, else the cores this process may run on (taskset, cgroups)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class TorchTrainer:
@@ -74,33 +83,115 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     """
     s = settings
     encoded, cut = lora_data.encode(tokenizer, examples, s.max_length)
-    lengths = [len(e.ids) for e in encoded]
+    train_ids, dev_ids = lora_data.dev_split(len(encoded), getattr(s, "dev_fraction", 0.0), s.seed)
+    train, dev = [encoded[i] for i in train_ids], [encoded[i] for i in dev_ids]
+    lengths = [len(e.ids) for e in train]
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
-    log, seconds, tokens = _loop(model, encoded, plan, tokenizer.pad_token_id or 0, s.learning_rate,
-                                 progress, device)
+    compute, autocast = compute_dtype(model, getattr(s, "compute", "float32"), device)
+    best = DevCheck(model, dev, tokenizer.pad_token_id or 0, s, device, autocast) if dev else None
+    log, seconds, tokens = _loop(model, train, plan, tokenizer.pad_token_id or 0, s, progress, device, best,
+                                 autocast)
     with _quiet():
         model.save_pretrained(Path(out_dir) / "adapter")
     return {
-        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(plan),
+        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(log),
         "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
-        "padding_waste": round(lora_data.padding_waste(plan, lengths), 4),
+        "padding_waste": round(lora_data.padding_waste(plan[:len(log)], lengths), 4),
+        "compute": compute, "threads": torch.get_num_threads(),
+        **(best.summary() if best else {}),
     }
 
 
-def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
-          device: str) -> tuple[list[dict], float, int]:
+class DevCheck:
+    """The dev split's loss after each epoch; keeps the LoRA weights of the lowest one and says
+    when `patience` epochs in a row failed to lower it (patience 0: never)."""
+
+    def __init__(self, model, dev: Sequence, pad_id: int, settings, device: str,
+                 autocast: Callable = nullcontext):
+        self.model, self.dev, self.pad_id, self.device, self.autocast = model, dev, pad_id, device, autocast
+        self.batch_size, self.patience = settings.batch_size, getattr(settings, "patience", 0)
+        self.log: list[dict] = []
+        self.best_loss, self.best_state, self.worse = float("inf"), None, 0
+
+    def loss(self) -> float:
+        """Mean cross-entropy over all target tokens of the dev split."""
+        causal_lm = self.model.get_base_model()
+        order = sorted(range(len(self.dev)), key=lambda i: len(self.dev[i].ids))
+        total, count = 0.0, 0
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                items = [self.dev[i] for i in order[start:start + self.batch_size]]
+                batch = {k: v.to(self.device) for k, v in lora_data.collate(items, self.pad_id).items()}
+                n = int((batch["labels"][:, 1:] != lora_data.IGNORE).sum())
+                with self.autocast():
+                    total += lora_data.target_loss(causal_lm, batch).item() * n
+                count += n
+        self.model.train()
+        return total / count
+
+    def stop_after(self, epoch: int, step: int) -> bool:
+        """Record the dev loss after `epoch`; True when training should stop."""
+        loss = self.loss()
+        self.log.append({"epoch": epoch, "step": step, "dev_loss": round(loss, 5)})
+        if loss < self.best_loss:
+            self.best_loss, self.worse = loss, 0
+            self.best_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            self.worse += 1
+        return 0 < self.patience <= self.worse
+
+    def restore(self) -> None:
+        """Put the best epoch's LoRA weights back."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in self.best_state:
+                    p.copy_(self.best_state[n])
+
+    def summary(self) -> dict[str, Any]:
+        best = min(self.log, key=lambda r: r["dev_loss"])
+        return {"dev_examples": len(self.dev), "dev_loss": best["dev_loss"], "best_epoch": best["epoch"],
+                "best_step": best["step"], "dev_log": self.log}
+
+
+def compute_dtype(model, compute: str, device: str) -> tuple[str, Callable]:
+    """Prepare `model` for `compute`: (what is used, a context each forward pass runs in). On the
+    CPU, "bfloat16" runs the matmuls in bfloat16; on other devices the loader chose ("as loaded").
+
+    The frozen base projections are cast to bfloat16 once (autocast would cast them again at every
+    call); the LoRA weights stay float32, so their gradients and the optimizer state do too.
+    Autocast is entered per forward pass: one region around all steps would keep reusing its first
+    bfloat16 copy of the LoRA weights (its cast cache lives as long as the region), and not learn.
+    """
+    if device != "cpu":
+        return "as loaded", nullcontext
+    if compute != "bfloat16":
+        return "float32", nullcontext
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32:
+            base.weight.data = base.weight.data.to(torch.bfloat16)
+    return "bfloat16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: DevCheck | None = None,
+          autocast: Callable = nullcontext) -> tuple[list[dict], float, int]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lora_data.lr_factor(getattr(s, "lr_schedule", "constant"), len(plan)))
     causal_lm = model.get_base_model()
+    per_epoch = lora_data.n_batches(len(encoded), s.batch_size)
     model.train()
     log, seconds, tokens = [], 0.0, 0
     for step, batch_ids in enumerate(plan, 1):
         t0 = time.perf_counter()
         batch = {k: v.to(device) for k, v in lora_data.collate([encoded[i] for i in batch_ids], pad_id).items()}
-        loss = lora_data.target_loss(causal_lm, batch)
+        with autocast():
+            loss = lora_data.target_loss(causal_lm, batch)
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - t0
         tokens += int(batch["attention_mask"].sum())
@@ -108,6 +199,12 @@ def _loop(model, encoded, plan, pad_id: int, learning_rate: float, progress,
         log.append(row)
         if progress:
             progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+        if best and step % per_epoch == 0 and best.stop_after(step // per_epoch, step):
+            if progress and step < len(plan):
+                progress(len(plan) - step, stopped=f"epoch {step // per_epoch}")
+            break
+    if best:
+        best.restore()
     return log, seconds, tokens
 
 
