@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -92,6 +92,8 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
     """What this run is: the resolved recipe, versions, commit, model hashes, seeds, cells, machine."""
     import os
 
+    from kmismatch_lite.finetune import LoraSettings
+
     cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
              "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder} for c in the_plan.cells]}
     return {
@@ -99,6 +101,7 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
         "seed": recipe.get("seed"),
         **(cells if the_plan.multi else {}),
         "backends": {s: recipe[s]["backend"] for s in ("generate", "finetune", "evaluate")},
+        "lora_settings": asdict(LoraSettings.from_dict(recipe["finetune"]["lora"])),
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
                    for role, m in models.items()},
@@ -217,17 +220,18 @@ class CellRun:
 
     def _finetune(self, name: str, set_file: Path, set_key: dict) -> tuple[Path, str]:
         """Protocol step 5 for one set: a LoRA on the student, exported for llama.cpp."""
+        from kmismatch_lite.finetune import LoraSettings, finetune
+
         f = self.recipe["finetune"]
+        settings = LoraSettings.from_dict({"seed": self.recipe["seed"], **f["lora"]})
 
         def work(tmp: Path) -> None:
-            from kmismatch_lite.finetune import finetune
-
             finetune(self.recipe["models"]["student"], set_file, tmp, backend=f["backend"],
-                     settings={"seed": self.recipe["seed"], **f["lora"]}, verify=f["verify"],
-                     progress_factory=self.run.progress_factory)
+                     settings=settings, verify=f["verify"], progress_factory=self.run.progress_factory)
 
-        folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"],
-                                     {**set_key, "student": self.model_keys["student"], "finetune": f}, work)
+        # Every resolved setting is in the key: a changed default retrains instead of reusing.
+        inputs = {**set_key, "student": self.model_keys["student"], "finetune": f, "lora": asdict(settings)}
+        folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"], inputs, work)
         return folder / "adapter.gguf", key
 
     def finetune(self, sets_dir: Path, sets_key: str) -> dict[str, tuple[Path, str]]:
