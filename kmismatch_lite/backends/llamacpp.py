@@ -18,9 +18,9 @@ from kmismatch_lite.errors import KmmError, missing_extra
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int}
 
-# Answers decoded at once. One: on a 2-core CPU, 16 at once answered no faster than one at a time
-# (bench/check_speed.py: SmolLM2 3-shot 21.0 vs 20.3 q/s, medians of 2) and changed 3-7% of the
-# greedy answers (near-ties flipped by another order of the attention sums).
+# Answers decoded at once. One keeps every answer equal to a plain llama.cpp loop's; 16 at once
+# answered 1.1x (SmolLM2) to 1.7x (Gemma 3) faster on an idle 2-core CPU but changed 4-8% of the
+# greedy answers (bench/check_speed.py): near-ties flipped by another order of the attention sums.
 PARALLEL = 1
 
 # OpenMP's wait policy is left to the user: GNU OpenMP's default (spin briefly, then sleep) ran
