@@ -255,3 +255,16 @@ def test_served_verdicts_match_the_local_backend(llama_server, tmp_path):
     metrics = json.loads((tmp_path / "served" / "metrics.json").read_text())
     assert metrics["backend"]["server_model_id"] == "smollm2"
     assert same_verdict >= 0.95
+
+
+def test_the_api_key_never_reaches_a_run_manifest(monkeypatch):
+    from kmismatch_lite import cards, plan, recipes, run
+
+    secret = "sk-test-manifest-456"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    recipe = recipes.load("quickstart", ["models.teacher=openai:http://127.0.0.1:9/v1#served-teacher"])
+    models = {role: cards.resolve(recipe["models"][role]) for role in ("student", "teacher")}
+    manifest = run.manifest(recipe, models, plan.build(recipe))
+    text = json.dumps(manifest)
+    assert "served-teacher" in text and "http://127.0.0.1:9/v1" in text
+    assert secret not in text
