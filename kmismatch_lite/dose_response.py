@@ -69,12 +69,9 @@ def _bootstrap(x: np.ndarray, mats: list[np.ndarray], n_boot: int,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n_boot pooled slopes and n_boot x doses pooled rates: seeds drawn with replacement, then
     each drawn seed's questions drawn with replacement (one draw shared by all its doses)."""
-    picks = rng.integers(0, len(mats), size=(n_boot, len(mats)))
-    rates = np.empty((n_boot, len(mats), len(x)))
-    for s, m in enumerate(mats):
-        drawn = picks == s
-        idx = rng.integers(0, m.shape[1], size=(int(drawn.sum()), m.shape[1]))
-        rates[drawn] = m[:, idx].mean(axis=2).T
+    from kmismatch_lite.stats import resample_seeds_then_questions
+
+    rates = resample_seeds_then_questions(mats, n_boot, rng)
     # One least-squares line per (resample, seed): polyfit fits every column of y at once.
     lines = np.polyfit(x, rates.reshape(-1, len(x)).T, 1)
     slopes = lines[0].reshape(n_boot, len(mats)).mean(axis=1)

@@ -125,18 +125,26 @@ def random_effects(effects: Sequence[float], variances: Sequence[float], level: 
     }
 
 
+def resample_seeds_then_questions(arrays: Sequence[np.ndarray], n_boot: int,
+                                  rng: np.random.Generator) -> np.ndarray:
+    """Means over the questions (each array's last axis) of `n_boot` hierarchical resamples: seeds
+    drawn with replacement, then each drawn seed's questions drawn with replacement (one draw shared
+    by the array's leading axes). Shape: (n_boot, seeds, *leading axes)."""
+    picks = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
+    out = np.empty(picks.shape + arrays[0].shape[:-1])
+    for s, a in enumerate(arrays):
+        drawn = picks == s
+        idx = rng.integers(0, a.shape[-1], size=(int(drawn.sum()), a.shape[-1]))
+        out[drawn] = np.moveaxis(a[..., idx].mean(axis=-1), -1, 0)
+    return out
+
+
 def hierarchical_bootstrap(diffs: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0,
                            level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean over seeds of each seed's mean paired difference,
     resampling seeds, then the questions within each resampled seed."""
-    rng = np.random.default_rng(seed)
     arrays = [np.asarray(d, dtype=float) for d in diffs]
-    picks = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
-    means = np.empty(picks.shape)
-    for s, d in enumerate(arrays):
-        drawn = picks == s
-        idx = rng.integers(0, len(d), size=(int(drawn.sum()), len(d)))
-        means[drawn] = d[idx].mean(axis=1)
+    means = resample_seeds_then_questions(arrays, n_boot, np.random.default_rng(seed))
     alpha = (1 - level) / 2
     lo, hi = np.quantile(means.mean(axis=1), [alpha, 1 - alpha])
     return float(lo), float(hi)
