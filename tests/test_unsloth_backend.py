@@ -108,6 +108,23 @@ def test_shared_loop_with_a_cpu_loader_trains_and_exports(tmp_path):
     assert adapted != original
 
 
+@pytest.mark.slow
+def test_verify_answers_come_from_a_fresh_process_as_plain_peft_gives_them():
+    """The unsloth backend's --verify answers run in a new process (no Unsloth patches there) and
+    match what plain transformers + peft answers in this one, on the same device."""
+    pytest.importorskip("peft", reason="needs the torch extra")
+    from kmismatch_lite import prompts
+    from kmismatch_lite.backends import torch_lora, unsloth
+
+    model = cards.resolve("smollm2-135m-instruct")
+    shots = "Question: What is the capital of Italy?\nAnswer: Rome\n\n"
+    ps = [shots + prompts.zero_shot(q) for q in ("What is the capital of France?", "What is the capital of Peru?")]
+    fresh = unsloth.greedy_answers(model, None, ps, max_tokens=8)  # on the GPU where there is one
+    here = torch_lora.greedy_answers(model, None, ps, max_tokens=8, device="cuda" if cuda_available() else "cpu")
+    assert fresh == here
+    assert all(isinstance(a, str) for a in fresh) and any(fresh)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (pip install 'kmismatch_lite[unsloth]')")
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU: the unsloth backend needs one")

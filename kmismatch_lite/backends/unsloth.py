@@ -8,6 +8,10 @@ clear line at construction time.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,9 +93,36 @@ class UnslothTrainer:
 
 def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str], *,
                    max_tokens: int) -> list[str]:
-    """The peft adapter's greedy answers (for `--verify`), on the GPU: once Unsloth is imported,
-    its patches of the transformers model classes place rotary tables on CUDA, so the same
-    float32 model run on the CPU fails with a device mismatch."""
+    """The peft adapter's greedy answers (for `--verify`) from plain transformers + peft, in a
+    fresh Python process on the GPU. This process imported Unsloth to train, and Unsloth patches
+    the transformers model classes (fused kernels, rotary tables on CUDA): the check compares the
+    GGUF export with the model it mirrors, the unpatched float32 one."""
+    job = {"model": model.card.name if model.card else str(model.gguf_path),
+           "adapter": str(adapter_dir) if adapter_dir is not None else None,
+           "prompts": list(prompts), "max_tokens": max_tokens}
+    with tempfile.TemporaryDirectory(prefix="kmm-verify-") as tmp:
+        path = Path(tmp) / "job.json"
+        path.write_text(json.dumps(job), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", __name__, str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise KmmError(f"the transformers + peft answers for --verify failed: {last}")
+        return json.loads(path.with_name("answers.json").read_text(encoding="utf-8"))
+
+
+def _answer_job(path: Path) -> None:
+    """Run one `greedy_answers` job file; the answers go beside it, in `answers.json`."""
+    import torch
+
+    from kmismatch_lite import cards
     from kmismatch_lite.backends.torch_lora import greedy_answers as torch_greedy
 
-    return torch_greedy(model, adapter_dir, prompts, max_tokens=max_tokens, device="cuda")
+    job = json.loads(path.read_text(encoding="utf-8"))
+    adapter = Path(job["adapter"]) if job["adapter"] else None
+    answers = torch_greedy(cards.resolve(job["model"]), adapter, job["prompts"], max_tokens=job["max_tokens"],
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+    path.with_name("answers.json").write_text(json.dumps(answers), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    _answer_job(Path(sys.argv[1]))
