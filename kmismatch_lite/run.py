@@ -3,7 +3,7 @@
 The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
-fine-tune and an evaluation per dose, and the SliCK prompts' greedy and sampled evaluations. Each stage writes its
+fine-tune and an evaluation per dose, and SliCK's greedy and sampled evaluations. Each stage writes its
 folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
 unchanged is reused, and a stage that several cells share runs once. With several seeds, the
 report pools them (report.py, stats.py).
