@@ -5,6 +5,7 @@ sampled at temperature 0.5, and every condition's verdicts broken down by those 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from math import comb
 from typing import Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Mapping, Sequence
 from kmismatch_lite import prompts, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.sampling import Sampling
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 KNOWN = "Known"  # the cheap mode's only other category
@@ -46,6 +48,22 @@ def slick(greedy: Sequence[str], sampled: Sequence[str]) -> str:
     if pg > 0.0:
         return MAYBE_KNOWN
     return WEAKLY_KNOWN if (p_correct(sampled) or 0.0) > 0.0 else UNKNOWN
+
+
+def sample_settings(seed: int, j: int) -> Sampling:
+    """The sampling of SliCK's j-th sampled run (j = 1..M) in the cell of `seed`: temperature
+    TEMPERATURE with a sampling seed of its own, derived from the cell's seed and j."""
+    digest = hashlib.sha256(f"slick-sample:{seed}:{j}".encode("utf-8")).digest()
+    return Sampling(TEMPERATURE, int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+
+
+def sampling_record(m_samples: int, seeds: Sequence[int]) -> dict:
+    """What a run's manifest records of SliCK's sampled runs: the stages, temperature,
+    truncation and, per cell seed, each run's sampling seed."""
+    first = sample_settings(seeds[0], 1).describe()
+    return {"stages": [f"slick/sample-{j}" for j in range(1, m_samples + 1)],
+            **{k: v for k, v in first.items() if k != "seed"},
+            "seeds": {str(s): [sample_settings(s, j).seed for j in range(1, m_samples + 1)] for s in seeds}}
 
 
 def cheap(greedy_verdict: str) -> str:

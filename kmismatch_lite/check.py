@@ -12,6 +12,7 @@ from kmismatch_lite.backends import generator_class
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import sha256_file, sha256_text, write_json, write_jsonl
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 
 @dataclass
@@ -34,10 +35,12 @@ def score(questions: Sequence[Question], outputs: Sequence[str]) -> tuple[list[d
 
 
 def answer(generator, template: prompts.PromptTemplate, questions: Sequence[Question],
-           progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy answers for the questions with the template, through any generator backend."""
+           progress: Callable[[int], None] | None = None, sampling: Sampling = GREEDY) -> list[str]:
+    """Answers (greedy, or sampled as `sampling` says) for the questions with the template,
+    through any generator backend."""
     rendered = [template.render(q.question) for q in questions]
-    return generator.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP, progress=progress)
+    return generator.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP, progress=progress,
+                              sampling=sampling)
 
 
 def generation_backend(served: bool, backend: str) -> str:
@@ -51,17 +54,19 @@ def make_generator(backend: str, model: cards.Model, adapter: Path | None, seed:
 
 def evaluate(model: cards.Model, questions: Sequence[Question], template: prompts.PromptTemplate, *,
              backend: str = "llamacpp", adapter: Path | None = None, seed: int = 0,
-             options: dict | None = None, progress_factory=None, label: str | None = None) -> CheckResult:
-    """Answer `questions` with the model (and adapter) through a backend, then score them."""
+             options: dict | None = None, progress_factory=None, label: str | None = None,
+             sampling: Sampling = GREEDY) -> CheckResult:
+    """Answer `questions` with the model (and adapter) through a backend, then score them; the
+    metrics record the sampling settings."""
     backend = generation_backend(model.served, backend)
     gen = make_generator(backend, model, adapter, seed, options or {})
     t0 = time.perf_counter()
     try:
         if progress_factory:
             with progress_factory(f"{label or model.name} answering", len(questions)) as advance:
-                outputs = answer(gen, template, questions, advance)
+                outputs = answer(gen, template, questions, advance, sampling)
         else:
-            outputs = answer(gen, template, questions)
+            outputs = answer(gen, template, questions, sampling=sampling)
         info = gen.info()
     finally:
         gen.close()
@@ -79,6 +84,7 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
         "prompt_sha256": sha256_text(template.describe()),
         "prompt_style": f"{template.shots}-shot" if template.shots else "zero-shot",
         "seed": seed,
+        "sampling": sampling.describe(),
         "seconds": round(seconds, 3),
         "questions_per_second": round(len(questions) / seconds, 3) if seconds else None,
     }
@@ -101,9 +107,11 @@ def exemplars_for(qs: data.QuestionSet, split: str, seed: int) -> list[Question]
 def check(model_spec: str, *, dataset: str = "geonames", split: str | None = None, limit: int | None = None,
           backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
           seed: int = 0, options: dict | None = None, out: Path | None = None,
-          progress_factory=None) -> CheckResult:
+          progress_factory=None, temperature: float = 0.0) -> CheckResult:
     """Run the check; `progress_factory(description, total)` gives a context yielding advance().
-    `split` defaults to `default_split(dataset)`."""
+    `split` defaults to `default_split(dataset)`; a temperature above 0 samples the answers,
+    seeded by `seed`."""
+    sampling = Sampling(temperature, seed)
     split = split or default_split(dataset)
     model = cards.resolve(model_spec)
     qs = data.load(dataset, seed=seed)
@@ -112,7 +120,7 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str | None = Non
         raise KmmError(f"data set '{dataset}' has no questions in split '{split}'")
     template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(exemplars_for(qs, split, seed), seed=seed)
     res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
-                   options=options, progress_factory=progress_factory)
+                   options=options, progress_factory=progress_factory, sampling=sampling)
     res.metrics.update(dataset=dataset, split=split)
     if out is not None:
         write_jsonl(Path(out) / "samples.jsonl", res.samples)

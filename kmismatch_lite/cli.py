@@ -81,10 +81,12 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
 @click.option("--backend", "-b", default="llamacpp", show_default=True, help="Generation backend.")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None, help="A GGUF LoRA adapter.")
 @click.option("--zero-shot", is_flag=True, help="The zero-shot prompt (for fine-tuned models).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the split, the prompt and the sampling.")
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True,
+              help="0: greedy; above 0: seeded temperature sampling, no top-k/top-p truncation.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write samples.jsonl and metrics.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option (repeatable).")
-def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, options) -> None:
+def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
     or hf:org/repo:file.gguf)."""
     from kmismatch_lite import cards, check as check_mod, ui
@@ -99,10 +101,11 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, out, 
     split = split or check_mod.default_split(dataset)
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
                           adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts, out=out,
-                          progress_factory=ui.progress_bar)
+                          progress_factory=ui.progress_bar, temperature=temperature)
     m = res.metrics
     label = m["model"] + (" + adapter" if adapter else "")
-    ui.table(f"kmm check: {label} on {dataset} ({split} split), {m['prompt_style']}", ui.TALLY_COLUMNS,
+    how = f", sampled at temperature {temperature:g}" if temperature else ""
+    ui.table(f"kmm check: {label} on {dataset} ({split} split), {m['prompt_style']}{how}", ui.TALLY_COLUMNS,
              ui.tally_rows({label: m}))
     where = f", outputs in {out}" if out else ""
     ui.summary(f"checked {m['n']} questions with {label} ({backend}) in {time.perf_counter() - t0:.1f}s "

@@ -12,7 +12,8 @@ results beside them). With `seeds` or a `[sweep]`, stages go under `seed-N/`, th
 
 A recipe's `[design]` adds stages to every cell (`design_stages`): the mismatch-dose sets with a
 fine-tune and an evaluation per dose (dose 0 is the self set, so it names the self stages), and
-for SliCK categories one greedy evaluation of the base student per extra few-shot prompt.
+for SliCK categories one greedy evaluation of the base student per extra few-shot prompt and one
+sampled evaluation (the run's own prompt) per sample.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def design_stages(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, .
         # Prompt 1 is the run's own: its greedy answers are evaluate/base_student's.
         for i in range(2, design["slick_prompts"] + 1):
             out[f"slick/prompt-{i}"] = (("models.student", "evaluate"), ("data",))
+        for j in range(1, design["slick_samples"] + 1):
+            out[f"slick/sample-{j}"] = (("models.student", "evaluate"), ("data",))
     return out
 
 

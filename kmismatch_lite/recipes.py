@@ -235,7 +235,7 @@ def _check_doses(doses: list, where: str) -> None:
 
 
 def _check_categories(design: dict, d: dict, where: str) -> None:
-    """The categories mode and SliCK's K and M; sampled answers (M > 0) are not available yet."""
+    """The categories mode and SliCK's K greedy prompts and M sampled answers."""
     from math import comb
 
     mode, k, m = design["categories"], design["slick_prompts"], design["slick_samples"]
@@ -246,10 +246,6 @@ def _check_categories(design: dict, d: dict, where: str) -> None:
         raise KmmError(f"{where}: design.slick_prompts must be >= 1 and design.slick_samples >= 0")
     if mode != "slick":
         return
-    if m > 0:
-        raise KmmError(f"{where}: design.slick_samples = {m}: SliCK's sampled answers need seeded temperature "
-                       f"sampling, which the generation backends do not offer; set design.slick_samples = 0 "
-                       f"(WeaklyKnown then counts as Unknown) or design.categories = \"cheap\"")
     if k > 1 and (d["shots"] < 1 or comb(d["exemplars"], d["shots"]) < k):
         raise KmmError(f"{where}: design.slick_prompts = {k} needs {k} different sets of data.shots = "
                        f"{d['shots']} exemplars out of data.exemplars = {d['exemplars']}")

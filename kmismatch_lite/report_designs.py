@@ -160,7 +160,8 @@ def category_rows(section: dict) -> list[list[str]]:
 
 def category_title(section: dict) -> str:
     how = ("Known / Unknown from the base student's one greedy few-shot answer" if section["mode"] == "cheap"
-           else f"SliCK, {section['prompts']} few-shot prompts greedily, {section['samples']} samples")
+           else f"SliCK, {section['prompts']} few-shot prompts greedily, {section['samples']} samples"
+           + (f" at temperature {categories.TEMPERATURE:g}" if section["samples"] else ""))
     return f"Knowledge categories of the test questions: {how}"
 
 

@@ -3,7 +3,7 @@
 The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
-fine-tune and an evaluation per dose, and the SliCK prompts' evaluations. Each stage writes its
+fine-tune and an evaluation per dose, and SliCK's greedy and sampled evaluations. Each stage writes its
 folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
 unchanged is reused, and a stage that several cells share runs once. With several seeds, the
 report pools them (report.py, stats.py).
@@ -26,6 +26,7 @@ from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
                                write_jsonl)
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
@@ -96,12 +97,15 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
 
     cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
              "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder} for c in the_plan.cells]}
+    design = recipe["design"]
+    sampled = design["categories"] == "slick" and design["slick_samples"] > 0
     return {
         "recipe": recipe,
         "seed": recipe.get("seed"),
         **(cells if the_plan.multi else {}),
         "backends": {s: recipe[s]["backend"] for s in ("generate", "finetune", "evaluate")},
         "lora_settings": asdict(LoraSettings.from_dict(recipe["finetune"]["lora"])),
+        **({"sampling": categories.sampling_record(design["slick_samples"], the_plan.seeds)} if sampled else {}),
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
                    for role, m in models.items()},
@@ -176,8 +180,9 @@ class CellRun:
         return key
 
     def answers(self, name: str, role: str, split: str, template: prompts.PromptTemplate, data_key: str,
-                adapter: tuple[Path, str] | None = None) -> tuple[Path, str]:
-        """A generate or evaluate stage: `role` answers the `split` questions, scored (steps 2, 6)."""
+                adapter: tuple[Path, str] | None = None, sampling: Sampling = GREEDY) -> tuple[Path, str]:
+        """A generate or evaluate stage: `role` answers the `split` questions, scored (steps 2, 6);
+        greedily, or sampled as `sampling` says."""
         stage = self.cell.stages[name]
         section = self.recipe["generate" if name.startswith("generate/") else "evaluate"]
         questions, options = getattr(self, split), section["options"]
@@ -188,12 +193,14 @@ class CellRun:
         inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section}
         if not name.startswith("generate/"):
             inputs["adapter"] = adapter[1] if adapter else None
+        if not sampling.greedy:
+            inputs["sampling"] = sampling.describe()
 
         def work(tmp: Path) -> None:
             res = check.evaluate(self.models[role], questions, template, backend=section["backend"],
                                  adapter=adapter[0] if adapter else None, seed=self.recipe["seed"],
                                  options=options, progress_factory=self.run.progress_factory,
-                                 label=f"{name.split('/')[1]} ({split})")
+                                 label=f"{name.split('/')[1]} ({split})", sampling=sampling)
             write_jsonl(tmp / "samples.jsonl", res.samples)
             write_json(tmp / "metrics.json", res.metrics)
 
@@ -284,7 +291,8 @@ class CellRun:
 
     def categories(self, data_key: str, base_student: list[dict]) -> dict[str, str] | None:
         """Protocol step 10: each test question's knowledge category from the base student's
-        greedy answers (cheap: its one few-shot run; SliCK: K few-shot prompts)."""
+        answers (cheap: its one greedy few-shot run; SliCK: K few-shot prompts greedily and M
+        samples with the run's own prompt)."""
         design = self.recipe["design"]
         if design["categories"] == "cheap":
             return categories.categorize_cheap(base_student)
@@ -298,8 +306,14 @@ class CellRun:
         for i, template in enumerate(templates[1:], start=2):
             folder, _ = self.answers(f"slick/prompt-{i}", "student", "test", template, data_key)
             runs.append(read_jsonl(folder / "samples.jsonl"))
-        # M = 0 (checked with the recipe): no sampled answers, so WeaklyKnown merges into Unknown.
-        return categories.categorize(categories.verdicts_by_question(runs))
+        sampled = []
+        for j in range(1, design["slick_samples"] + 1):
+            folder, _ = self.answers(f"slick/sample-{j}", "student", "test", self.few_shot, data_key,
+                                     sampling=categories.sample_settings(self.recipe["seed"], j))
+            sampled.append(read_jsonl(folder / "samples.jsonl"))
+        # With M = 0 there are no sampled answers, so WeaklyKnown merges into Unknown.
+        return categories.categorize(categories.verdicts_by_question(runs),
+                                     categories.verdicts_by_question(sampled))
 
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:

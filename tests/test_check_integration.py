@@ -13,6 +13,7 @@ import pytest
 from conftest import bundled_model, llama_cpp_usable, run_kmm
 from kmismatch_lite import cards, check, data, prompts, scoring
 from kmismatch_lite.io import sha256_file
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 STUDENT, TEACHER = "smollm2-135m-instruct", "gemma-3-270m"
 
@@ -22,11 +23,13 @@ class CannedGenerator:
 
     name = "canned"
     replies: dict = {}
+    sampling = None  # what the last generate() was asked for
 
     def __init__(self, model, *, adapter=None, seed=0):
         self.prompts = []
 
-    def generate(self, prompts_, *, max_tokens, stop, progress=None):
+    def generate(self, prompts_, *, max_tokens, stop, progress=None, sampling=GREEDY):
+        CannedGenerator.sampling = sampling
         outs = []
         for p in prompts_:
             q = p.rsplit("Question: ", 1)[1].split("\n", 1)[0]
@@ -66,6 +69,10 @@ def test_check_plumbing_with_canned_answers(tmp_path, monkeypatch):
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == m["n"]
     zs = check.check(str(model), dataset=f"jsonl:{qfile}", backend="canned", zero_shot=True)
     assert zs.metrics["prompt"] == "Question: {question}\nAnswer:" and zs.metrics["prompt_style"] == "zero-shot"
+    assert m["sampling"] == {"temperature": 0.0, "method": "greedy"} and CannedGenerator.sampling == GREEDY
+    hot = check.check(str(model), dataset=f"jsonl:{qfile}", backend="canned", temperature=0.7, seed=3)
+    assert CannedGenerator.sampling == Sampling(0.7, 3)
+    assert (hot.metrics["sampling"]["temperature"], hot.metrics["sampling"]["seed"]) == (0.7, 3)
 
 
 def _need(*models):

@@ -69,6 +69,10 @@ def test_unknown_dataset(tmp_path, fake_model):
     _one_line_error(_check(tmp_path, fake_model, "-d", "nope"), "unknown data set 'nope'")
 
 
+def test_negative_temperature(tmp_path, fake_model):
+    _one_line_error(_check(tmp_path, fake_model, "--temperature", "-0.5"), "temperature must be a number >= 0")
+
+
 def test_malformed_data_rows(tmp_path, fake_model):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"question": "Q?", "answers": ["A"]}\n{oops\n{"question": "Q2?"}\n')

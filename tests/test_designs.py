@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from kmismatch_lite import plan, recipes, report_designs, scoring
+from kmismatch_lite import categories, plan, recipes, report_designs, scoring
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import write_jsonl
 
@@ -32,7 +32,6 @@ def test_design_is_off_by_default_and_doses_parse_from_the_command_line():
     (["design.doses=0.5,0.5"], "twice"),
     (["design.doses=0.5"], "at least two doses"),
     (["design.categories=all"], "unknown mode 'all'"),
-    (["design.categories=slick"], "need seeded temperature sampling"),
     (["design.categories=slick", "design.slick_samples=0", "design.slick_prompts=0"], "slick_prompts must be >= 1"),
     (["design.categories=slick", "design.slick_samples=0", "data.shots=0"], "different sets"),
     (["design.doses=0,x"], "bad value"),
@@ -57,7 +56,7 @@ def test_doses_in_a_recipe_file_must_be_numbers(tmp_path):
 def test_the_bundled_dose_recipe_loads():
     r = recipes.load("mismatch-dose")
     assert r["seeds"] == [0, 1, 2] and r["design"]["doses"] == [0, 0.25, 0.5, 0.75, 1]
-    assert r["design"]["categories"] == "slick" and r["design"]["slick_samples"] == 0
+    assert r["design"]["categories"] == "slick" and r["design"]["slick_samples"] == 4
 
 
 # --- the plan ---
@@ -80,6 +79,26 @@ def test_slick_adds_one_stage_per_extra_prompt_and_cheap_adds_none():
     r = load("design.categories=slick", "design.slick_samples=0", "design.slick_prompts=3")
     assert list(plan.design_stages(r)) == ["slick/prompt-2", "slick/prompt-3"]
     assert plan.design_stages(load("design.categories=cheap")) == {}
+
+
+def test_slick_samples_add_one_sampled_stage_each_per_seed():
+    p = plan.build(load("seeds=0,1", "design.categories=slick", "design.slick_prompts=2"))
+    counts = Counter(s.name for s in p.stages())
+    assert [n for n in counts if n.startswith("slick/")] == ["slick/prompt-2", *(f"slick/sample-{j}" for j in range(1, 5))]
+    assert all(counts[n] == 2 for n in counts if n.startswith("slick/"))
+    assert p.cells[1].stages["slick/sample-3"].folder == "seed-1/slick/sample-3"
+    assert p.cells[1].stages["slick/sample-3"].needs == {"data": "seed-1/data"}
+
+
+def test_each_sampled_run_has_its_own_seed_at_slicks_temperature_recorded_for_the_manifest():
+    settings = {(s, j): categories.sample_settings(s, j) for s in (0, 1) for j in (1, 2, 3)}
+    assert all(x.temperature == categories.TEMPERATURE for x in settings.values())
+    assert len({x.seed for x in settings.values()}) == len(settings)
+    assert categories.sample_settings(1, 2) == settings[1, 2]
+    record = categories.sampling_record(3, [0, 1])
+    assert record["stages"] == ["slick/sample-1", "slick/sample-2", "slick/sample-3"]
+    assert (record["temperature"], record["truncation"]) == (categories.TEMPERATURE, "none")
+    assert record["seeds"]["1"] == [settings[1, j].seed for j in (1, 2, 3)]
 
 
 def test_a_finetune_sweep_gives_dose_finetunes_per_point_and_dose_sets_per_seed():
@@ -110,8 +129,7 @@ def evaluated(shift=0):
 
 
 def cell(ev, categories="cheap"):
-    recipe = load("design.doses=0,1", f"design.categories={categories}",
-                  *(["design.slick_samples=0"] if categories == "slick" else []))
+    recipe = load("design.doses=0,1", f"design.categories={categories}")
     cats = {r["id"]: "Known" if r["verdict"] == C else "Unknown" for r in ev["base_student"][0]}
     stats = {n: {"mismatch_answered": k, "mismatch_pool": 3} for n, k in (("dose-0", 0), ("dose-1", 3))}
     return report_designs.cell_results(recipe, ev, stats, cats)
@@ -151,7 +169,7 @@ def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
 def test_tables_markdown_and_figures(tmp_path):
     res = {"student": "s", "teacher": "t", **cell(evaluated(), "slick")}
     titles = [t[0] for t in report_designs.tables(res)]
-    assert titles[0].startswith("Mismatch dose") and "SliCK, 4 few-shot prompts greedily, 0 samples" in titles[1]
+    assert titles[0].startswith("Mismatch dose") and titles[1].endswith("SliCK, 4 few-shot prompts greedily, 4 samples at temperature 0.5")
     dose_rows = report_designs.dose_rows(res["dose"])
     assert dose_rows[1][:2] == ["1", "3 of 3"] and dose_rows[1][3].startswith("66.7% [")
     assert "+50.0 points per unit dose" in report_designs.dose_text(res["dose"])

@@ -72,6 +72,18 @@ def test_prefix_cache_gives_the_same_answers_as_fresh_prompts(student):
     assert cached == fresh
 
 
+def test_mlx_sampled_answers_are_reproducible_whatever_the_order(student):
+    from kmismatch_lite.backends.mlx import MlxGenerator
+    from kmismatch_lite.sampling import Sampling
+
+    batch, hot = _few_shot_prompts(3), Sampling(1.0, seed=5)
+    gen = MlxGenerator(student)
+    first = gen.generate(batch, max_tokens=8, stop=["\n"], sampling=hot)
+    again = gen.generate(batch[::-1], max_tokens=8, stop=["\n"], sampling=hot)[::-1]
+    gen.close()
+    assert first == again and all(first), first
+
+
 def test_converted_model_holds_the_gguf_blocks(student):
     from kmismatch_lite import mlx_models
 

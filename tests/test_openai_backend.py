@@ -17,6 +17,7 @@ from llama_server import free_port, start_llama_server, stop_llama_server
 from kmismatch_lite import cards
 from kmismatch_lite.backends.openai import OpenAIGenerator, cache_key, question_line
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 STOP, MAX_TOKENS = ["\n"], 16
 
@@ -30,10 +31,10 @@ def generator(server, **options) -> OpenAIGenerator:
     return OpenAIGenerator(cards.resolve(f"openai:{server.url}#fake"), **options)
 
 
-def ask(server, questions, **options) -> list[str]:
+def ask(server, questions, sampling: Sampling = GREEDY, **options) -> list[str]:
     gen = generator(server, **options)
     try:
-        return gen.generate([prompt(q) for q in questions], max_tokens=MAX_TOKENS, stop=STOP)
+        return gen.generate([prompt(q) for q in questions], max_tokens=MAX_TOKENS, stop=STOP, sampling=sampling)
     finally:
         gen.close()
 
@@ -151,6 +152,34 @@ def test_requests_are_greedy_with_the_stop_strings_and_the_cap():
     assert body["model"] == "fake" and body["prompt"] == prompt("q")
     assert (body["temperature"], body["seed"], body["max_tokens"], body["stop"]) == (0.0, 7, MAX_TOKENS, STOP)
     assert body["repeat_penalty"] == 1.0
+
+
+def test_sampled_requests_send_the_temperature_and_each_prompts_own_seed():
+    hot = Sampling(0.5, seed=3)
+    with serve() as server:
+        gen = generator(server, concurrency=2, seed=7)
+        gen.generate([prompt("a"), prompt("b")], max_tokens=MAX_TOKENS, stop=STOP, sampling=hot)
+        gen.generate([prompt("b")], max_tokens=MAX_TOKENS, stop=STOP, sampling=hot)
+        bodies = {(r["question"], i): r["body"] for i, r in enumerate(server.requests)}
+    seeds = {q: body["seed"] for (q, _), body in bodies.items()}
+    assert seeds == {"a": hot.prompt_seed(prompt("a")), "b": hot.prompt_seed(prompt("b"))}
+    assert seeds["a"] != seeds["b"] and len(bodies) == 3
+    for body in bodies.values():
+        assert (body["temperature"], body["top_p"], body["top_k"], body["min_p"]) == (0.5, 1.0, 0, 0.0)
+
+
+def test_the_cache_keeps_greedy_and_sampled_answers_apart(tmp_path):
+    cache, replies = str(tmp_path / "c.jsonl"), iter(range(100))
+    with serve(answer=lambda q: f"reply {next(replies)}") as server:
+        greedy = ask(server, ["q"], cache=cache)
+        sampled = ask(server, ["q"], cache=cache, sampling=Sampling(0.5, seed=1))
+        assert (greedy, sampled) == (["reply 0"], ["reply 1"])
+        assert ask(server, ["q"], cache=cache, sampling=Sampling(0.5, seed=1)) == sampled
+        assert ask(server, ["q"], cache=cache) == greedy
+        assert ask(server, ["q"], cache=cache, sampling=Sampling(0.5, seed=2)) == ["reply 2"]
+        assert ask(server, ["q"], cache=cache, sampling=Sampling(1.0, seed=1)) == ["reply 3"]
+        assert len(server.requests) == 4
+    assert cache_key("m", "completions", "p", 16, STOP) == cache_key("m", "completions", "p", 16, STOP, GREEDY)
 
 
 def test_the_chat_endpoint_sends_the_prompt_as_one_user_message():

@@ -1,7 +1,7 @@
 """The smoke recipe with two mismatch doses (0 and 1) and knowledge categories, one seed, end to
 end on the real bundled models: the dose-1 set fine-tuned and evaluated, dose 0 taken from the
-self stages, SliCK's extra prompts evaluated, the tables and figures written and printed; a rerun
-in cheap mode reuses every stage."""
+self stages, SliCK's extra prompt evaluated and its sampled answers drawn, the tables and figures
+written and printed; a rerun in cheap mode reuses every stage."""
 
 import json
 import re
@@ -9,6 +9,7 @@ import re
 import pytest
 
 from conftest import run_kmm
+from kmismatch_lite import categories
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -16,7 +17,7 @@ pytest.importorskip("llama_cpp", reason="needs the llamacpp extra")
 pytest.importorskip("peft", reason="needs the torch extra")
 pytest.importorskip("scipy", reason="needs the stats extra")
 
-DESIGN = ("-s", "design.doses=0,1", "-s", "design.categories=slick", "-s", "design.slick_samples=0",
+DESIGN = ("-s", "design.doses=0,1", "-s", "design.categories=slick", "-s", "design.slick_samples=2",
           "-s", "design.slick_prompts=2")
 
 
@@ -35,7 +36,8 @@ def designed(tmp_path_factory):
 def test_dose_stages_and_dose_zero_shares_the_self_stages(designed):
     out, proc = designed
     ran = re.findall(r"stage (\S+): running", proc.stderr)
-    for stage in ("dose_sets", "finetune/dose-1", "evaluate/dose-1", "slick/prompt-2"):
+    for stage in ("dose_sets", "finetune/dose-1", "evaluate/dose-1", "slick/prompt-2", "slick/sample-1",
+                  "slick/sample-2"):
         assert stage in ran
     assert not any("dose-0" in s for s in ran)
     assert len(ran) == len(set(ran))
@@ -57,7 +59,8 @@ def test_results_hold_the_dose_table_and_categories(designed):
     assert lo <= d["response"]["wrong"]["slope"] <= hi
     c = res["categories"]
     assert c["mode"] == "slick" and sum(c["counts"].values()) == res["n_test"]
-    assert set(c["counts"]) <= {"HighlyKnown", "MaybeKnown", "Unknown"}
+    assert set(c["counts"]) <= {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
+    assert (c["prompts"], c["samples"]) == (2, 2)
     for cond in ("base_student", "self", "teacher", "base_teacher", "dose-0", "dose-1"):
         assert sum(t["wrong"] for t in c["by_condition"][cond].values()) == d["conditions"].get(
             cond, res["conditions"].get(cond))["wrong"]
@@ -67,6 +70,28 @@ def test_results_hold_the_dose_table_and_categories(designed):
         assert (out / name).stat().st_size > 1000, name
     report = (out / "report.md").read_text()
     assert "## Mismatch dose" in report and "## Knowledge categories" in report
+
+
+def verdicts(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_sampled_stages_record_their_seeds_and_the_categories_follow_the_rules(designed):
+    out, _ = designed
+    manifest = json.loads((out / "manifest.json").read_text())
+    seeds = [categories.sample_settings(0, j).seed for j in (1, 2)]
+    assert manifest["sampling"]["seeds"] == {"0": seeds} and manifest["sampling"]["truncation"] == "none"
+    sampled = []
+    for j, seed in zip((1, 2), seeds):
+        m = json.loads((out / "slick" / f"sample-{j}" / "metrics.json").read_text())
+        assert (m["sampling"]["temperature"], m["sampling"]["seed"]) == (categories.TEMPERATURE, seed)
+        assert m["prompt"] == json.loads((out / "evaluate" / "base_student" / "metrics.json").read_text())["prompt"]
+        sampled.append(verdicts(out / "slick" / f"sample-{j}" / "samples.jsonl"))
+    greedy = [verdicts(out / "evaluate" / "base_student" / "samples.jsonl"),
+              verdicts(out / "slick" / "prompt-2" / "samples.jsonl")]
+    expected = categories.categorize(categories.verdicts_by_question(greedy),
+                                     categories.verdicts_by_question(sampled))
+    assert json.loads((out / "categories.json").read_text()) == expected
 
 
 def test_kmm_report_prints_the_designs(designed):

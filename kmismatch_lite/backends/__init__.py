@@ -11,6 +11,7 @@ import importlib
 from typing import Any, Callable, Protocol, Sequence
 
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 Progress = Callable[[int], None]
 
@@ -27,13 +28,15 @@ TRAINERS = {
 
 
 class Generator(Protocol):
-    """Greedy answers for a batch of prompts, cut at the stop strings, within a token cap."""
+    """Answers for a batch of prompts, cut at the stop strings, within a token cap: greedy, or
+    sampled as `sampling` says (each prompt's answer reproducible from the sampling seed and the
+    prompt alone, whatever the batch)."""
 
     name: str
 
     def generate(
         self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
-        progress: Progress | None = None,
+        progress: Progress | None = None, sampling: Sampling = GREEDY,
     ) -> list[str]: ...
 
     def info(self) -> dict[str, Any]: ...
@@ -49,12 +52,13 @@ class Trainer(Protocol):
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]: ...
 
 
-def answer_each(complete: Callable[[str, int, Sequence[str]], str], prompts: Sequence[str],
-                max_tokens: int, stop: Sequence[str], progress: Progress | None = None) -> list[str]:
-    """One greedy answer per prompt with `complete(prompt, max_tokens, stop)`, with progress."""
+def answer_each(complete: Callable[[str, int, Sequence[str], Sampling], str], prompts: Sequence[str],
+                max_tokens: int, stop: Sequence[str], progress: Progress | None = None,
+                sampling: Sampling = GREEDY) -> list[str]:
+    """One answer per prompt with `complete(prompt, max_tokens, stop, sampling)`, with progress."""
     outputs = []
     for prompt in prompts:
-        outputs.append(complete(prompt, max_tokens, stop))
+        outputs.append(complete(prompt, max_tokens, stop, sampling))
         if progress:
             progress(1)
     return outputs

@@ -1,6 +1,13 @@
-"""llama.cpp GGUF generation (llama-cpp-python), greedy. By default one prompt at a time, keeping
-the KV cache of the prefix shared with the previous prompt; with `parallel=N` (N > 1), N prompts
-are decoded together (llamacpp_batch) after their shared prefix is evaluated once."""
+"""llama.cpp GGUF generation (llama-cpp-python), greedy or by seeded temperature sampling. By
+default one prompt at a time, keeping the KV cache of the prefix shared with the previous prompt;
+with `parallel=N` (N > 1), N greedy answers are decoded together (llamacpp_batch) after their
+shared prefix is evaluated once.
+
+Tokens are picked from llama.cpp's logits by kmismatch_lite.sampling (argmax, or plain temperature
+sampling with no top-k/top-p/min-p and a random stream per prompt), not by llama.cpp's sampler
+chain, so the prefix KV cache stays ours and every backend samples alike. Sampled answers are
+always decoded one at a time: batched decoding changes the last bits of the logits (see
+llamacpp_batch), and a sampled answer must not depend on the batch."""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from kmismatch_lite.backends import answer_each
 from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int}
 
@@ -39,7 +47,7 @@ def _quiet_llama(**kwargs):
 
 
 class LlamaCppGenerator:
-    """Greedy answers from a GGUF model, optionally with a GGUF LoRA adapter."""
+    """Greedy or sampled answers from a GGUF model, optionally with a GGUF LoRA adapter."""
 
     name = "llamacpp"
 
@@ -110,14 +118,14 @@ class LlamaCppGenerator:
             raise KmmError(f"prompt of {len(tokens)} tokens does not fit the context of {self.llm.n_ctx()}")
         return tokens
 
-    def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
+    def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str], sampling: Sampling) -> str:
         llm = self.llm
         tokens = self._tokens(prompt, max_tokens)
         self._eval_prompt(tokens)
+        pick = sampling.picker(prompt)
         out = b""
         for _ in range(max_tokens):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-            tok = int(np.argmax(logits))
+            tok = pick(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)))
             if tok in self._eos:
                 break
             out += llm.detokenize([tok], prev_tokens=self._cached)
@@ -131,9 +139,9 @@ class LlamaCppGenerator:
         return clean_output(out.decode("utf-8", errors="ignore"), stop)
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
-                 progress=None) -> list[str]:
-        if self._batched is None:
-            return answer_each(self._complete, prompts, max_tokens, stop, progress)
+                 progress=None, sampling: Sampling = GREEDY) -> list[str]:
+        if self._batched is None or not sampling.greedy:
+            return answer_each(self._complete, prompts, max_tokens, stop, progress, sampling)
         token_lists = [self._tokens(p, max_tokens) for p in prompts]
         return self._batched.generate(token_lists, max_tokens, stop, self._eos, progress)
 

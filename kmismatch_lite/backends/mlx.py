@@ -1,7 +1,8 @@
 """MLX generation and LoRA fine-tuning with mlx-lm (Apple Silicon; CPU on Linux).
 
-The generator decodes greedily with one KV cache kept across prompts, trimmed back to the
-longest token prefix shared with the next prompt, so a few-shot prefix is evaluated once.
+The generator decodes greedily (or by kmismatch_lite.sampling's seeded temperature sampling, on
+the logits copied to numpy) with one KV cache kept across prompts, trimmed back to the longest
+token prefix shared with the next prompt, so a few-shot prefix is evaluated once.
 The trainer is mlx-lm's LoRA (QLoRA on a quantized MLX model) with the torch trainer's
 tokenisation, batch plan and target-only loss, so both backends see the same data in the same
 order. mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
@@ -18,6 +19,7 @@ from kmismatch_lite import cards, mlx_models
 from kmismatch_lite.backends import answer_each
 from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.sampling import GREEDY, Sampling
 
 OPTIONS = {"source": str}
 
@@ -35,7 +37,7 @@ def adapter_folder(adapter: Path | None) -> Path | None:
 
 
 class MlxGenerator:
-    """Greedy answers from an MLX model (the bundled GGUF converted, or the card's MLX repo)."""
+    """Greedy or sampled answers from an MLX model (the bundled GGUF converted, or the card's MLX repo)."""
 
     name = "mlx"
 
@@ -79,15 +81,20 @@ class MlxGenerator:
         self._cached = list(tokens)
         return mlx_models.last_logits(self.net, mx.array(tokens[keep:])[None], self._cache)
 
-    def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
+    def _complete(self, prompt: str, max_tokens: int, stop: Sequence[str], sampling: Sampling) -> str:
         import mlx.core as mx
+        import numpy as np
 
         tokens = self.tokenizer.encode(prompt)
         logits = self._prefill(tokens)
+        pick = sampling.picker(prompt)
         out: list[int] = []
         text = ""
         for _ in range(max_tokens):
-            tok = int(mx.argmax(logits).item())
+            if sampling.greedy:
+                tok = int(mx.argmax(logits).item())
+            else:
+                tok = pick(np.array(logits.astype(mx.float32)))
             if tok in self.tokenizer.eos_token_ids:
                 break
             out.append(tok)
@@ -99,8 +106,8 @@ class MlxGenerator:
         return clean_output(text, stop)
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
-                 progress=None) -> list[str]:
-        return answer_each(self._complete, prompts, max_tokens, stop, progress)
+                 progress=None, sampling: Sampling = GREEDY) -> list[str]:
+        return answer_each(self._complete, prompts, max_tokens, stop, progress, sampling)
 
 
 def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequence[str], *,

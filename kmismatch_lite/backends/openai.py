@@ -1,6 +1,11 @@
 """Generation against an OpenAI-compatible server (llama-server, llama-cpp-python's server, vLLM,
 Ollama, LM Studio): stdlib HTTP in a thread pool, retries with exponential backoff, and a JSONL
-answer cache written as answers arrive, so an interrupted generation resumes where it stopped."""
+answer cache written as answers arrive, so an interrupted generation resumes where it stopped.
+
+Sampled answers send the temperature and each prompt's own seed (kmismatch_lite.sampling), with
+top_p 1 and, as extras, top_k 0 and min_p 0: plain temperature sampling. A server may ignore the
+seed (the OpenAI API calls it best effort; some servers drop it), and then sampled answers are not
+reproducible; the cache still keeps those it got, keyed by the sampling settings."""
 
 from __future__ import annotations
 
@@ -21,13 +26,16 @@ from typing import Any, Sequence
 from kmismatch_lite.cards import Model
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.prompts import clean_output
+from kmismatch_lite.sampling import GREEDY, TRUNCATION, Sampling
 
 OPTIONS = {"endpoint": str, "api_key_env": str, "concurrency": int, "timeout": float,
            "retries": int, "backoff": float, "cache": str, "greedy_extras": bool}
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
 # Fields outside the OpenAI schema that llama.cpp, vLLM and LM Studio read: without them
-# llama-cpp-python's server applies a repeat penalty of 1.1 even at temperature 0.
+# llama-cpp-python's server applies a repeat penalty of 1.1 even at temperature 0, and llama.cpp's
+# servers truncate sampling to top_k 40 and min_p 0.05 (top_k 0: the whole vocabulary).
 GREEDY_EXTRAS = {"repeat_penalty": 1.0, "top_k": 1}
+SAMPLING_EXTRAS = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
 MAX_DELAY = 30.0
 
 
@@ -40,7 +48,9 @@ class Transient(Exception):
 
 
 class OpenAIGenerator:
-    """Greedy answers from a served model, many requests in flight, each answer cached on arrival."""
+    """Greedy or sampled answers from a served model, many requests in flight, each answer cached
+    on arrival. `greedy_extras` sends the non-OpenAI fields that keep decoding plain (GREEDY_EXTRAS,
+    or SAMPLING_EXTRAS when sampling)."""
 
     name = "openai"
 
@@ -82,8 +92,8 @@ class OpenAIGenerator:
         self._stop.set()
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
-                 progress=None) -> list[str]:
-        keys = [cache_key(self.model.name, self.endpoint, p, max_tokens, stop) for p in prompts]
+                 progress=None, sampling: Sampling = GREEDY) -> list[str]:
+        keys = [cache_key(self.model.name, self.endpoint, p, max_tokens, stop, sampling) for p in prompts]
         answers = self.cache.load() if self.cache else {}
         todo = {k: p for k, p in zip(keys, prompts) if k not in answers}
         copies = Counter(keys)  # a prompt asked twice is sent once and counted twice
@@ -92,7 +102,7 @@ class OpenAIGenerator:
         self._stop.clear()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="kmm-openai")
         try:
-            futures = {pool.submit(self._answer, k, p, max_tokens, stop): k for k, p in todo.items()}
+            futures = {pool.submit(self._answer, k, p, max_tokens, stop, sampling): k for k, p in todo.items()}
             for fut in as_completed(futures):
                 answers[futures[fut]] = fut.result()
                 if progress:
@@ -103,8 +113,8 @@ class OpenAIGenerator:
             pool.shutdown(wait=True, cancel_futures=True)
         return [answers[k] for k in keys]
 
-    def _answer(self, key: str, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
-        body = self._body(prompt, max_tokens, stop)
+    def _answer(self, key: str, prompt: str, max_tokens: int, stop: Sequence[str], sampling: Sampling) -> str:
+        body = self._body(prompt, max_tokens, stop, sampling)
         reply = self._post(ENDPOINTS[self.endpoint], body)
         text = clean_output(self._text(reply, prompt), stop)
         if isinstance(reply.get("model"), str) and self.server_model_id is None:
@@ -113,14 +123,18 @@ class OpenAIGenerator:
             self.cache.add(key, question_line(prompt), text)
         return text
 
-    def _body(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> dict:
+    def _body(self, prompt: str, max_tokens: int, stop: Sequence[str], sampling: Sampling) -> dict:
+        seed = self.seed if sampling.greedy else sampling.prompt_seed(prompt)
         body: dict[str, Any] = {"model": self.model.name, "max_tokens": max_tokens, "stop": list(stop),
-                                "temperature": 0.0, "top_p": 1.0, "seed": self.seed, "n": 1, "stream": False}
+                                "temperature": sampling.temperature, "top_p": 1.0, "seed": seed, "n": 1,
+                                "stream": False}
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
-        return {**body, **GREEDY_EXTRAS} if self.greedy_extras else body
+        if not self.greedy_extras:
+            return body
+        return {**body, **(GREEDY_EXTRAS if sampling.greedy else SAMPLING_EXTRAS)}
 
     def _text(self, reply: Any, prompt: str) -> str:
         try:
@@ -225,9 +239,14 @@ class AnswerCache:
                 f.write(line + "\n")
 
 
-def cache_key(model: str, endpoint: str, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
-    """The hash that names one request's answer in the cache."""
-    blob = json.dumps([model, endpoint, prompt, max_tokens, list(stop)], ensure_ascii=False)
+def cache_key(model: str, endpoint: str, prompt: str, max_tokens: int, stop: Sequence[str],
+              sampling: Sampling = GREEDY) -> str:
+    """The hash that names one request's answer in the cache; a sampled answer's names its
+    temperature and seed, so greedy and sampled answers never stand in for each other."""
+    request: list[Any] = [model, endpoint, prompt, max_tokens, list(stop)]
+    if not sampling.greedy:
+        request.append({"temperature": sampling.temperature, "seed": sampling.seed, "truncation": TRUNCATION})
+    blob = json.dumps(request, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
