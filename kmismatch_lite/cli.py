@@ -156,7 +156,8 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
     several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
-    adds mismatch doses (-s design.doses=0,0.5,1) and knowledge categories."""
+    adds mismatch doses (-s design.doses=0,0.5,1), knowledge categories and the evaluation of
+    every epoch's LoRA (-s design.epochs=true)."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)

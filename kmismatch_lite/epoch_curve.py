@@ -129,8 +129,10 @@ def text(section: dict) -> str:
 
 def panel(ax, section: dict) -> None:
     """Wrong-answer rate against epoch, one line per condition, intervals as error bars."""
-    for cond, v in section["conditions"].items():
-        x = [e["epoch"] for e in v["by_epoch"]]
+    k = len(section["conditions"])
+    for i, (cond, v) in enumerate(section["conditions"].items()):
+        # Each condition's points a little aside, so overlapping error bars stay readable.
+        x = [e["epoch"] + 0.04 * (i - (k - 1) / 2) for e in v["by_epoch"]]
         y = [100 * e["rates"][scoring.WRONG] for e in v["by_epoch"]]
         ci = [e["rates_ci"][scoring.WRONG] for e in v["by_epoch"]]
         err = [[yi - 100 * lo for yi, (lo, _) in zip(y, ci)], [100 * hi - yi for yi, (_, hi) in zip(y, ci)]]

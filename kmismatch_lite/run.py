@@ -4,10 +4,9 @@ The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each c
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
 fine-tune and an evaluation per dose, the SliCK prompts' evaluations, and an evaluation of each
-fine-tune's saved epochs. Each stage writes its
-folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
-unchanged is reused, and a stage that several cells share runs once. With several seeds, the
-report pools them (report.py, stats.py).
+fine-tune's saved epochs. Each stage writes its folder atomically with a `stage.json` holding a
+key over its inputs; a stage whose key is unchanged is reused, and a stage that several cells
+share runs once. With several seeds, the report pools them (report.py, stats.py).
 """
 
 from __future__ import annotations
@@ -356,7 +355,7 @@ def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: 
     else:
         (out / "categories.json").unlink(missing_ok=True)
     samples = {cond: s for cond, (s, _) in evaluated.items()}
-    for cond, epochs in (by_epoch or ({}, {}))[0].items():
+    for cond, epochs in (by_epoch[0] if by_epoch else {}).items():
         samples.update({planning.epoch_condition(cond, n): s for n, (s, _) in epochs.items()})
     report.write(out, res, samples)
     return res
