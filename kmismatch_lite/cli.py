@@ -122,18 +122,23 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, tempe
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE",
               help="LoRA setting, e.g. -o rank=16 -o epochs=3 (repeatable).")
 @click.option("--verify", is_flag=True, help="Check llama.cpp + adapter.gguf against the trained model.")
-def finetune_cmd(student, data_file, out, backend, options, verify) -> None:
+@click.option("--save-epochs", is_flag=True,
+              help="Also keep each epoch's LoRA in epochs/epoch-N/ (adapter/ and adapter.gguf).")
+def finetune_cmd(student, data_file, out, backend, options, verify, save_epochs) -> None:
     """Fine-tune a LoRA on STUDENT (a card name or .gguf path) and export it for llama.cpp."""
     from kmismatch_lite import finetune as ft, ui
     from kmismatch_lite.backends import parse_options
 
     writable_folder(out)
-    settings = ft.LoraSettings.from_dict(parse_options(options, ft.LoraSettings.types(), "finetune"))
+    given = parse_options(options, ft.LoraSettings.types(), "finetune")
+    settings = ft.LoraSettings.from_dict({**given, **({"save_epochs": True} if save_epochs else {})})
     examples = ft.read_examples(data_file)
     res = ft.finetune(student, examples, out, backend=backend, settings=settings, verify=verify,
                       progress_factory=ui.progress_bar)
     rows = [["examples", len(examples)], ["steps", res.steps], ["final loss", f"{res.final_loss:.4f}"],
             ["tokens/s", f"{res.tokens_per_second:.0f}"], ["adapter", res.adapter_dir], ["adapter.gguf", res.adapter_gguf]]
+    if res.epochs:
+        rows.append(["epochs saved", f"{', '.join(map(str, res.epochs))} in {out / 'epochs'}"])
     if res.verify:
         v = res.verify
         rows += [[f"llama.cpp+adapter = {v['trainer']}+LoRA", f"{v['adapter_vs_trainer']:.1%} of {v['prompts']}"],
@@ -154,7 +159,8 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
     several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
-    adds mismatch doses (-s design.doses=0,0.5,1) and knowledge categories."""
+    adds mismatch doses (-s design.doses=0,0.5,1), knowledge categories and the evaluation of
+    every epoch's LoRA (-s design.epochs=true)."""
     from kmismatch_lite import recipes, report, run as run_mod, ui
 
     r = recipes.load(recipe, settings)

@@ -2,7 +2,8 @@
 
 `finetune()` trains with a registered trainer backend, writes `DIR/adapter/` (peft format),
 `DIR/adapter.gguf` (a llama.cpp adapter for the student's GGUF) and `DIR/train_log.jsonl`, and can
-check that llama.cpp with the adapter answers as the trained model does.
+check that llama.cpp with the adapter answers as the trained model does. With `save_epochs`, the
+LoRA as it is at the end of each epoch N goes to `DIR/epochs/epoch-N/` in the same two forms.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class LoraSettings:
     patience: int = 0
     # "linear" decays the rate to 0 over the planned steps, so the last batches move the LoRA little.
     lr_schedule: str = "constant"
+    # The LoRA at the end of every epoch, beside the final one (epochs/epoch-N/). Each is that
+    # epoch's own weights; with a dev split the final adapter is the best epoch's, so it equals
+    # one of them, not necessarily the last.
+    save_epochs: bool = False
 
     @classmethod
     def types(cls) -> dict[str, type]:
@@ -99,7 +104,8 @@ def _check_type(key: str, value: Any, kind: type) -> None:
 class FinetuneResult:
     """Where the outputs are and how the training went. `tokens_per_second`: real (non-padding)
     tokens through the training steps per second; `seconds`: the whole trainer call, loading
-    included; `verify`: agreement rates from `verify_adapter` when asked for."""
+    included; `verify`: agreement rates from `verify_adapter` when asked for; `epochs`: the epochs
+    whose LoRA was saved under epochs/ (none without `save_epochs`)."""
 
     adapter_dir: Path
     adapter_gguf: Path
@@ -109,6 +115,13 @@ class FinetuneResult:
     tokens_per_second: float
     seconds: float
     verify: dict | None
+    epochs: list[int] = field(default_factory=list)
+
+
+def epoch_dir(out_dir: Path, epoch: int) -> Path:
+    """Where a fine-tune with `save_epochs` keeps the LoRA of the end of `epoch` (1-based):
+    `adapter/` and `adapter.gguf`, as the final adapter."""
+    return Path(out_dir) / "epochs" / f"epoch-{epoch}"
 
 
 def read_examples(path: Path) -> list[dict]:
@@ -147,7 +160,8 @@ def _is_example(row: Any) -> bool:
 def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backend: str = "torch",
              settings: LoraSettings | dict | None = None, verify: bool = False,
              progress_factory: Callable | None = None) -> FinetuneResult:
-    """Fit a LoRA on the student and write adapter/, adapter.gguf and train_log.jsonl into `out_dir`.
+    """Fit a LoRA on the student and write adapter/, adapter.gguf and train_log.jsonl into `out_dir`
+(and epochs/epoch-N/ with `settings.save_epochs`).
 
     Everything is built in a temporary folder inside `out_dir` and moved into place only at the
     end, so a failure leaves no half-written output. `progress_factory(description, total)` is a
@@ -216,16 +230,22 @@ def _run(trainer, model: cards.Model, examples: list[dict], settings: LoraSettin
     seconds = time.perf_counter() - t0
     export_lora_gguf(out["lora"], alpha=settings.alpha, base=model, out_path=tmp / "adapter.gguf")
     write_jsonl(tmp / "train_log.jsonl", out["log"])
-    info = {"student": model.name, "base_gguf": str(model.gguf_path), "base_sha256": gguf_sha256(model.gguf_path),
-            "backend": trainer.name, "settings": asdict(settings), "examples": len(examples),
-            **{k: v for k, v in out.items() if k not in ("lora", "log")}}
+    about = {"student": model.name, "base_gguf": str(model.gguf_path), "base_sha256": gguf_sha256(model.gguf_path),
+             "backend": trainer.name, "settings": asdict(settings), "examples": len(examples)}
+    epochs = out.get("epoch_loras", {})
+    for epoch, lora in epochs.items():
+        folder = epoch_dir(tmp, epoch)
+        export_lora_gguf(lora, alpha=settings.alpha, base=model, out_path=folder / "adapter.gguf")
+        write_json(folder / "adapter" / "kmm_finetune.json", {**about, "epoch": epoch})
+    info = {**about, **{k: v for k, v in out.items() if k not in ("lora", "log", "epoch_loras")},
+            **({"saved_epochs": sorted(epochs)} if settings.save_epochs else {})}
     write_json(tmp / "adapter" / "kmm_finetune.json", info)
     return FinetuneResult(tmp / "adapter", tmp / "adapter.gguf", tmp / "train_log.jsonl", out["steps"],
-                          out["final_loss"], out["tokens_per_second"], round(seconds, 3), None)
+                          out["final_loss"], out["tokens_per_second"], round(seconds, 3), None, sorted(epochs))
 
 
 def _move_outputs(tmp: Path, out_dir: Path) -> None:
-    names = ["train_log.jsonl", "verify.json", "adapter", "adapter.gguf"]
+    names = ["train_log.jsonl", "verify.json", "adapter", "adapter.gguf", "epochs"]
     for name in names:
         target = out_dir / name
         if target.is_dir():

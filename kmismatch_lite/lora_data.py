@@ -134,14 +134,15 @@ def padding_waste(plan: Sequence[Sequence[int]], lengths: Sequence[int]) -> floa
 
 
 def lora_arrays(peft_model, adapter: str = "default") -> dict[str, tuple[Any, Any]]:
-    """{HF module name: (A [rank, in], B [out, rank])} as float32 numpy arrays from a peft model."""
+    """{HF module name: (A [rank, in], B [out, rank])} as float32 numpy arrays from a peft model,
+    copies: later training steps leave them as they are now."""
     out = {}
     for name, module in peft_model.named_modules():
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         if lora_a is None or adapter not in lora_a:
             continue
         name = name.removeprefix("base_model.model.")
-        a = lora_a[adapter].weight.detach().float().cpu().numpy()
-        b = lora_b[adapter].weight.detach().float().cpu().numpy()
+        a = lora_a[adapter].weight.detach().float().cpu().numpy().copy()
+        b = lora_b[adapter].weight.detach().float().cpu().numpy().copy()
         out[name] = (a, b)
     return out

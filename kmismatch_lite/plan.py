@@ -11,9 +11,10 @@ results beside them). With `seeds` or a `[sweep]`, stages go under `seed-N/`, th
 `seed-N[/KEY=VALUE,...]/`, and the pooled results at the top of the run folder.
 
 A recipe's `[design]` adds stages to every cell (`design_stages`): the mismatch-dose sets with a
-fine-tune and an evaluation per dose (dose 0 is the self set, so it names the self stages), and
-for SliCK categories one greedy evaluation of the base student per extra few-shot prompt and one
-sampled evaluation (the run's own prompt) per sample.
+fine-tune and an evaluation per dose (dose 0 is the self set, so it names the self stages), for
+SliCK categories one greedy evaluation of the base student per extra few-shot prompt and one
+sampled evaluation (the run's own prompt) per sample, and for training length (`epochs = true`)
+one evaluation per fine-tuned condition and saved epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kmismatch_lite.dose import dose_name
+from kmismatch_lite.finetune import LoraSettings
 
 # stage -> (recipe settings it reads, stages whose outputs it reads), in running order
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -125,7 +127,31 @@ def design_stages(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, .
             out[f"slick/prompt-{i}"] = (("models.student", "evaluate"), ("data",))
         for j in range(1, design["slick_samples"] + 1):
             out[f"slick/sample-{j}"] = (("models.student", "evaluate"), ("data",))
+    for cond, epoch in epoch_evaluations(recipe):
+        out[f"evaluate/{epoch_condition(cond, epoch)}"] = (("models.student", "evaluate"), ("data", f"finetune/{cond}"))
     return out
+
+
+def finetuned_conditions(recipe: dict) -> list[str]:
+    """The conditions with a fine-tune of their own: self, teacher and each dose but 0 (the self set)."""
+    doses = (recipe.get("design") or {}).get("doses") or ()
+    return ["self", "teacher"] + [dose_name(float(d)) for d in doses if float(d) != 0.0]
+
+
+def epoch_evaluations(recipe: dict) -> list[tuple[str, int]]:
+    """(condition, epoch) of every saved epoch's evaluation that `[design] epochs` adds. The last
+    epoch's LoRA is the condition's own adapter, evaluated already; with a dev split the adapter
+    kept is the best epoch's, so every epoch gets its own evaluation."""
+    if not (recipe.get("design") or {}).get("epochs"):
+        return []
+    s = LoraSettings.from_dict(recipe["finetune"]["lora"])
+    last = s.epochs if s.dev_fraction > 0 else s.epochs - 1
+    return [(cond, n) for cond in finetuned_conditions(recipe) for n in range(1, last + 1)]
+
+
+def epoch_condition(cond: str, epoch: int) -> str:
+    """The name of a condition's evaluation at a saved epoch (its stage and samples file)."""
+    return f"{cond}-epoch-{epoch}"
 
 
 def stage_table(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:

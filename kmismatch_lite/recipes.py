@@ -27,7 +27,7 @@ SCHEMA: dict[str, Any] = {
     "finetune": {"backend": str, "verify": bool, "lora": _LORA},
     "evaluate": {"backend": str, "options": dict},
     "report": {"bootstrap": int},
-    "design": {"doses": list, "categories": str, "slick_prompts": int, "slick_samples": int},
+    "design": {"doses": list, "categories": str, "slick_prompts": int, "slick_samples": int, "epochs": bool},
     "sweep": dict,
 }
 CATEGORY_MODES = ("", "cheap", "slick")
@@ -43,8 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "finetune": {"backend": "torch", "verify": False, "lora": {}},
     "evaluate": {"backend": "llamacpp", "options": {}},
     "report": {"bootstrap": 2000},
-    # Off unless a recipe names doses or a categories mode; K and M as in PROTOCOL step 10.
-    "design": {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4},
+    # Off unless a recipe names doses, a categories mode or epochs; K and M as in PROTOCOL step 10.
+    "design": {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4, "epochs": False},
 }
 
 
@@ -216,6 +216,7 @@ def _check_cell(recipe: dict, where: str) -> None:
         raise KmmError(f"{where}: data sizes must be >= 0 and 0 < test_frac < 1")
     _check_doses(recipe["design"]["doses"], where)
     _check_categories(recipe["design"], d, where)
+    _check_epochs(recipe, where)
 
 
 def _check_doses(doses: list, where: str) -> None:
@@ -249,3 +250,11 @@ def _check_categories(design: dict, d: dict, where: str) -> None:
     if k > 1 and (d["shots"] < 1 or comb(d["exemplars"], d["shots"]) < k):
         raise KmmError(f"{where}: design.slick_prompts = {k} needs {k} different sets of data.shots = "
                        f"{d['shots']} exemplars out of data.exemplars = {d['exemplars']}")
+
+
+def _check_epochs(recipe: dict, where: str) -> None:
+    """A curve over training length needs at least two epochs."""
+    epochs = LoraSettings.from_dict(recipe["finetune"]["lora"]).epochs
+    if recipe["design"]["epochs"] and epochs < 2:
+        raise KmmError(f"{where}: design.epochs = true evaluates every epoch's adapter, but finetune.lora.epochs "
+                       f"= {epochs}; set it to 2 or more")

@@ -1,7 +1,8 @@
-"""The report of a recipe's `[design]` (protocol steps 9 and 10): the mismatch dose (rates
-against dose, the slope of the wrong-answer rate) and the knowledge categories (every
-condition's verdicts per category), per cell and pooled over seeds, as results, tables,
-markdown and the figures dose.png and categories.png."""
+"""The report of a recipe's `[design]` (protocol steps 9 to 11): the mismatch dose (rates
+against dose, the slope of the wrong-answer rate), the knowledge categories (every
+condition's verdicts per category) and training length (rates against epoch, epoch_curve.py),
+per cell and pooled over seeds, as results, tables, markdown and the figures dose.png,
+categories.png and epochs.png."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from kmismatch_lite import categories, dose_response, scoring
+from kmismatch_lite import categories, dose_response, epoch_curve, scoring
 from kmismatch_lite.dose import dose_name
 from kmismatch_lite.io import atomic_path, read_jsonl
 
 COUNTS = ("n", "correct", "wrong", "abstained")
 
 
-def cell_results(recipe: dict, evaluated: dict, dose_stats: dict | None, cats: dict[str, str] | None) -> dict:
-    """The `dose` and `categories` entries of one cell's results (absent when off)."""
+def cell_results(recipe: dict, evaluated: dict, dose_stats: dict | None, cats: dict[str, str] | None,
+                 by_epoch: tuple[dict, dict] | None = None) -> dict:
+    """The `dose`, `categories` and `epochs` entries of one cell's results (absent when off)."""
     out: dict = {}
     if dose_stats is not None:
         out["dose"] = _dose_cell(recipe, evaluated, dose_stats)
@@ -30,6 +32,8 @@ def cell_results(recipe: dict, evaluated: dict, dose_stats: dict | None, cats: d
             "counts": _ordered(Counter(cats.values())),
             "by_condition": {cond: categories.breakdown(s, cats) for cond, (s, _) in evaluated.items()},
         }
+    if by_epoch is not None:
+        out["epochs"] = epoch_curve.cell_section(recipe, evaluated, by_epoch)
     return out
 
 
@@ -57,7 +61,7 @@ def _paper_rates(metrics: Sequence[dict]) -> dict:
 
 
 def pooled(out: Path, cells: list[dict], n_boot: int) -> dict:
-    """The `dose` and `categories` entries of one grid point, pooled over its seeds' cells."""
+    """The `dose`, `categories` and `epochs` entries of one grid point, pooled over its seeds' cells."""
     res: dict = {}
     if "dose" in cells[0]:
         doses = cells[0]["dose"]["doses"]
@@ -75,6 +79,8 @@ def pooled(out: Path, cells: list[dict], n_boot: int) -> dict:
         }
     if "categories" in cells[0]:
         res["categories"] = _pooled_categories([c["categories"] for c in cells])
+    if "epochs" in cells[0]:
+        res["epochs"] = epoch_curve.pooled(out, cells, n_boot)
     return res
 
 
@@ -176,6 +182,9 @@ def tables(section: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         counts = ", ".join(f"{k} {v}" for k, v in c["counts"].items())
         out.append((category_title(c), category_columns(c), category_rows(c),
                     f"Test questions per category{' (summed over seeds)' if c.get('seeds') else ''}: {counts}."))
+    if "epochs" in section:
+        out.append(("Training length: wrong answers against epoch", epoch_curve.COLUMNS,
+                    epoch_curve.rows(section["epochs"]), epoch_curve.text(section["epochs"])))
     return out
 
 
@@ -192,6 +201,9 @@ NOTES = {
     "categories": ("Each cell: wrong answers of the condition on the questions of that category / the "
                    "category's questions, and (in brackets) the category's share of the condition's wrong "
                    "answers. Where the extra wrong answers come from is the change in that share."),
+    "epochs": ("Each fine-tuned condition's LoRA as saved at the end of every epoch answers the test questions "
+               "(zero-shot). Counts are means over seeds (each seed's wrong answers in brackets); rates are over "
+               "the test questions, with 95% intervals. A dose-0 condition is the self one."),
 }
 
 
@@ -211,7 +223,8 @@ def image_links(section: dict) -> str:
 # --- figures ---
 
 def figures(entries: list[tuple[str, dict]], res: dict, out: Path) -> None:
-    """dose.png and categories.png (one panel per labelled section) where the sections have them."""
+    """dose.png, categories.png and epochs.png (one panel per labelled section) where the sections
+    have them."""
     try:
         import matplotlib
 
@@ -220,7 +233,7 @@ def figures(entries: list[tuple[str, dict]], res: dict, out: Path) -> None:
     except ImportError:
         return
     title = f"student {res['student']}, teacher {res['teacher']}"
-    for kind, draw in (("dose", _dose_panel), ("categories", _categories_panel)):
+    for kind, draw in (("dose", _dose_panel), ("categories", _categories_panel), ("epochs", epoch_curve.panel)):
         panels = [(label, e[kind]) for label, e in entries if kind in e]
         if not panels:
             # A rerun without the design must not leave an earlier run's figure beside the report.

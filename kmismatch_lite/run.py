@@ -3,10 +3,10 @@
 The recipe's plan (plan.py) lists its cells, one per seed and grid point. Each cell runs
 data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evaluate (base_student,
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
-fine-tune and an evaluation per dose, and SliCK's greedy and sampled evaluations. Each stage writes its
-folder atomically with a `stage.json` holding a key over its inputs; a stage whose key is
-unchanged is reused, and a stage that several cells share runs once. With several seeds, the
-report pools them (report.py, stats.py).
+fine-tune and an evaluation per dose, SliCK's greedy and sampled evaluations, and an evaluation of each
+fine-tune's saved epochs. Each stage writes its folder atomically with a `stage.json` holding a
+key over its inputs; a stage whose key is unchanged is reused, and a stage that several cells
+share runs once. With several seeds, the report pools them (report.py, stats.py).
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ class CellRun:
         from kmismatch_lite.finetune import LoraSettings, finetune
 
         f = self.recipe["finetune"]
-        settings = LoraSettings.from_dict({"seed": self.recipe["seed"], **f["lora"]})
+        # `[design] epochs` keeps every epoch's LoRA; being a setting, it is in the stage's key.
+        save = {"save_epochs": True} if self.recipe["design"]["epochs"] else {}
+        settings = LoraSettings.from_dict({"seed": self.recipe["seed"], **f["lora"], **save})
 
         def work(tmp: Path) -> None:
             finetune(self.recipe["models"]["student"], set_file, tmp, backend=f["backend"],
@@ -289,6 +291,28 @@ class CellRun:
             evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
         return evaluated
 
+    def evaluate_epochs(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> tuple[dict, dict]:
+        """Protocol step 11: each fine-tuned condition's saved epochs answer the test questions
+        (zero-shot). Returns ({condition: {epoch: (samples, metrics)}}, {condition: the epoch its
+        own adapter is}); an epoch a dev split's patience stopped before has no adapter, no stage."""
+        from kmismatch_lite.finetune import epoch_dir
+
+        evaluated: dict[str, dict] = {}
+        for cond, epoch in planning.epoch_evaluations(self.recipe):
+            path, key = adapters[cond]
+            adapter = epoch_dir(path.parent, epoch) / "adapter.gguf"
+            if not adapter.is_file():
+                continue
+            folder, _ = self.answers(f"evaluate/{planning.epoch_condition(cond, epoch)}", "student", "test",
+                                     prompts.PromptTemplate(), data_key, (adapter, f"{key}/epoch-{epoch}"))
+            evaluated.setdefault(cond, {})[epoch] = (read_jsonl(folder / "samples.jsonl"),
+                                                     json.loads((folder / "metrics.json").read_text()))
+        kept = {}
+        for cond in planning.finetuned_conditions(self.recipe):
+            info = json.loads((adapters[cond][0].parent / "adapter" / "kmm_finetune.json").read_text())
+            kept[cond] = info.get("best_epoch", info["settings"]["epochs"])
+        return evaluated, kept
+
     def categories(self, data_key: str, base_student: list[dict]) -> dict[str, str] | None:
         """Protocol step 10: each test question's knowledge category from the base student's
         answers (cheap: its one greedy few-shot run; SliCK: K few-shot prompts greedily and M
@@ -326,23 +350,28 @@ def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> d
     if cell.recipe["design"]["doses"]:
         adapters.update(c.finetune_doses(gen, sets_dir, adapters["self"]))
     evaluated = c.evaluate(data_key, adapters)
+    by_epoch = c.evaluate_epochs(data_key, adapters) if cell.recipe["design"]["epochs"] else None
     cats = c.categories(data_key, evaluated["base_student"][0])
     set_stats = json.loads((sets_dir / "stats.json").read_text())
-    return _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats)
+    return _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats, by_epoch)
 
 
-def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None) -> dict:
+def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None,
+                 by_epoch: tuple[dict, dict] | None = None) -> dict:
     """results.json, report.md, figures, samples and categories.json of one cell."""
     from kmismatch_lite import report, report_designs
 
     paper = {cond: evaluated[cond] for cond in CONDITIONS}
     res = report.results(c.recipe, paper, set_stats, c.models)
-    res.update(report_designs.cell_results(c.recipe, evaluated, c.dose_stats, cats))
+    res.update(report_designs.cell_results(c.recipe, evaluated, c.dose_stats, cats, by_epoch))
     if cats is not None:
         write_json(out / "categories.json", cats)
     else:
         (out / "categories.json").unlink(missing_ok=True)
-    report.write(out, res, {cond: s for cond, (s, _) in evaluated.items()})
+    samples = {cond: s for cond, (s, _) in evaluated.items()}
+    for cond, epochs in (by_epoch[0] if by_epoch else {}).items():
+        samples.update({planning.epoch_condition(cond, n): s for n, (s, _) in epochs.items()})
+    report.write(out, res, samples)
     return res
 
 

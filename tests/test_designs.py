@@ -21,7 +21,7 @@ def load(*settings):
 
 def test_design_is_off_by_default_and_doses_parse_from_the_command_line():
     r = load()
-    assert r["design"] == {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4}
+    assert r["design"] == {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4, "epochs": False}
     assert plan.design_stages(r) == {}
     assert load("design.doses=0,0.5,1")["design"]["doses"] == [0.0, 0.5, 1.0]
     assert load("design.doses=0,1", "design.doses=")["design"]["doses"] == []
@@ -37,6 +37,9 @@ def test_design_is_off_by_default_and_doses_parse_from_the_command_line():
     (["design.doses=0,x"], "bad value"),
     (["sweep.design.categories=cheap,slick"], "design settings cannot be swept"),
     (["design.dose=0,1"], "unknown setting 'design.dose'"),
+    (["design.epochs=maybe"], "expected bool"),
+    (["design.epochs=true"], "design.epochs = true evaluates every epoch's adapter, but finetune.lora.epochs = 1"),
+    (["design.epochs=true", "finetune.lora.epochs=2", "sweep.finetune.lora.epochs=1,2"], "sweep finetune.lora.epochs=1"),
 ])
 def test_bad_design_settings_name_the_problem(settings, message):
     with pytest.raises(KmmError, match=message):
@@ -53,9 +56,17 @@ def test_doses_in_a_recipe_file_must_be_numbers(tmp_path):
         recipes.load(str(path))
 
 
+def test_epochs_in_a_recipe_file_must_be_a_boolean(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text((recipes.RECIPES_DIR / "smoke.toml").read_text() + '\n[design]\nepochs = 1\n')
+    with pytest.raises(KmmError, match="'design.epochs' must be bool, got 1"):
+        recipes.load(str(path))
+
+
 def test_the_bundled_dose_recipe_loads():
     r = recipes.load("mismatch-dose")
     assert r["seeds"] == [0, 1, 2] and r["design"]["doses"] == [0, 0.25, 0.5, 0.75, 1]
+    assert r["design"]["epochs"] is True
     assert r["design"]["categories"] == "slick" and r["design"]["slick_samples"] == 4
 
 
@@ -101,6 +112,40 @@ def test_each_sampled_run_has_its_own_seed_at_slicks_temperature_recorded_for_th
     assert record["seeds"]["1"] == [settings[1, j].seed for j in (1, 2, 3)]
 
 
+def test_epochs_add_an_evaluation_per_finetuned_condition_and_epoch_before_the_last():
+    assert plan.epoch_evaluations(load("finetune.lora.epochs=3")) == []
+    p = plan.build(load("seeds=0,1", "design.epochs=true", "finetune.lora.epochs=3", "design.doses=0,1"))
+    added = [n for n in p.cells[0].stages if "-epoch-" in n]
+    assert added == [f"evaluate/{c}-epoch-{n}" for c in ("self", "teacher", "dose-1") for n in (1, 2)]
+    stage = p.cells[1].stages["evaluate/dose-1-epoch-2"]
+    assert stage.folder == "seed-1/evaluate/dose-1-epoch-2"
+    assert stage.needs == {"data": "seed-1/data", "finetune/dose-1": "seed-1/finetune/dose-1"}
+    # The stage table stays data: each added stage reads the student's evaluate settings.
+    table = plan.stage_table(p.cells[0].recipe)
+    assert table["evaluate/self-epoch-1"] == (("models.student", "evaluate"), ("data", "finetune/self"))
+
+
+def test_with_a_dev_split_every_epoch_is_evaluated():
+    r = load("design.epochs=true", "finetune.lora.epochs=2", "finetune.lora.dev_fraction=0.1")
+    assert plan.epoch_evaluations(r) == [("self", 1), ("self", 2), ("teacher", 1), ("teacher", 2)]
+
+
+def test_a_finetune_stage_key_changes_when_epochs_are_saved(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from kmismatch_lite import run
+
+    model = SimpleNamespace(name="m", gguf_path=None, url="http://x")
+    keys = {}
+    for on in (False, True):
+        cell = plan.build(load("finetune.lora.epochs=2", f"design.epochs={on}")).cells[0]
+        r = run.Run(tmp_path, log=lambda _: None)
+        monkeypatch.setattr(r, "stage", lambda stage, inputs, work: (tmp_path / stage.folder, run._key(inputs)))
+        c = run.CellRun(r, cell, {"student": model, "teacher": model})
+        keys[on] = c._finetune("self", tmp_path / "self.jsonl", {"sets": "k", "set": "self"})[1]
+    assert keys[False] != keys[True]
+
+
 def test_a_finetune_sweep_gives_dose_finetunes_per_point_and_dose_sets_per_seed():
     p = plan.build(load("seeds=0", "design.doses=0,1", "sweep.finetune.lora.rank=4,8"))
     counts = Counter(s.name for s in p.stages())
@@ -128,11 +173,25 @@ def evaluated(shift=0):
     return {c: (rows(v), metrics(rows(v))) for c, v in table.items()}
 
 
-def cell(ev, categories="cheap"):
-    recipe = load("design.doses=0,1", f"design.categories={categories}")
+EPOCHS = ("design.epochs=true", "finetune.lora.epochs=2")
+
+
+def epoch_one(ev):
+    """Each fine-tuned condition's epoch-1 answers: one wrong answer fewer than its own."""
+    out = {}
+    for cond in ("self", "teacher", "dose-1"):
+        verdicts = [r["verdict"] for r in ev[cond][0]]
+        if W in verdicts:
+            verdicts[verdicts.index(W)] = A
+        out[cond] = {1: (rows(verdicts), metrics(rows(verdicts)))}
+    return out, {cond: 2 for cond in out}
+
+
+def cell(ev, categories="cheap", epochs=False):
+    recipe = load("design.doses=0,1", f"design.categories={categories}", *(EPOCHS if epochs else ()))
     cats = {r["id"]: "Known" if r["verdict"] == C else "Unknown" for r in ev["base_student"][0]}
     stats = {n: {"mismatch_answered": k, "mismatch_pool": 3} for n, k in (("dose-0", 0), ("dose-1", 3))}
-    return report_designs.cell_results(recipe, ev, stats, cats)
+    return report_designs.cell_results(recipe, ev, stats, cats, epoch_one(ev) if epochs else None)
 
 
 def test_cell_results_hold_rates_slope_and_categories():
@@ -146,6 +205,30 @@ def test_cell_results_hold_rates_slope_and_categories():
     assert c["mode"] == "cheap" and c["counts"] == {"Known": 2, "Unknown": 4}
     assert c["by_condition"]["dose-1"]["Known"]["wrong"] == 1
     assert c["by_condition"]["dose-1"]["Unknown"]["share_of_wrong"] == pytest.approx(3 / 4)
+
+
+def test_cell_results_hold_each_conditions_verdicts_by_epoch(tmp_path):
+    ev = evaluated()
+    e = cell(ev, epochs=True)["epochs"]
+    assert e["epochs"] == 2 and e["seeds"] == 1 and not e["dev_split"]
+    assert list(e["conditions"]) == ["self", "teacher", "dose-1"]
+    dose1 = e["conditions"]["dose-1"]
+    assert dose1["kept_epoch"] == [2] and [x["epoch"] for x in dose1["by_epoch"]] == [1, 2]
+    first, last = dose1["by_epoch"]
+    assert first["counts"] == [{"seed": 0, "samples": "dose-1-epoch-1", "n": 6, "correct": 1, "wrong": 3,
+                                "abstained": 2}]
+    assert last["counts"][0]["samples"] == "dose-1" and last["counts"][0]["wrong"] == 4   # its own evaluation
+    assert last["rates"][W] == pytest.approx(4 / 6) and first["rates"][W] == pytest.approx(3 / 6)
+    lo, hi = last["rates_ci"][W]
+    assert lo <= 4 / 6 <= hi and hi - lo > 0
+    res = {"student": "s", "teacher": "t", **cell(ev, epochs=True)}
+    title, columns, table, text = report_designs.tables(res)[-1]
+    assert title.startswith("Training length") and columns[1] == "epoch"
+    assert table[4][:5] == ["dose-1", "1", "1", "3", "2"] and table[5][5].startswith("66.7% [")
+    assert "dose-1 50.0% after epoch 1, 66.7% after epoch 2" in text and "Epoch 2 is the condition's own" in text
+    assert "## Training length" in report_designs.markdown(res) and "(epochs.png)" in report_designs.markdown(res)
+    report_designs.figures([("", res)], res, tmp_path)
+    assert (tmp_path / "epochs.png").stat().st_size > 1000
 
 
 def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
@@ -186,23 +269,30 @@ def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_pat
     from conftest import run_kmm
     from kmismatch_lite import report
 
-    p = plan.build(load("seeds=0,1", "design.doses=0,1", "design.categories=cheap", "report.bootstrap=200"))
+    p = plan.build(load("seeds=0,1", "design.doses=0,1", "design.categories=cheap", "report.bootstrap=200", *EPOCHS))
     models = {role: SimpleNamespace(name=role) for role in ("student", "teacher")}
     results = []
     for c, shift in zip(p.cells, (0, 2)):
         ev = evaluated(shift)
-        for cond, (samples, _) in ev.items():
+        by_epoch = epoch_one(ev)
+        epoch_samples = {f"{cond}-epoch-1": e[1][0] for cond, e in by_epoch[0].items()}
+        for cond, samples in {**{k: s for k, (s, _) in ev.items()}, **epoch_samples}.items():
             write_jsonl(tmp_path / c.folder / "samples" / f"{cond}.jsonl", samples)
         paper = {k: ev[k] for k in ("base_student", "self", "teacher", "base_teacher")}
         res = report.results(c.recipe, paper, {"n": 6, "mismatch_rate": 0.5}, models)
-        results.append({**res, **cell(ev)})
+        results.append({**res, **cell(ev, epochs=True)})
     res = report.write_pooled(tmp_path, p, results)
     entry = res["points"][0]
     assert entry["dose"]["response"][W]["seeds"] == 2 and entry["categories"]["seeds"] == 2
+    epoch = entry["epochs"]["conditions"]["dose-1"]["by_epoch"][0]
+    assert entry["epochs"]["seeds"] == 2 and [c["seed"] for c in epoch["counts"]] == [0, 1]
+    assert epoch["rates"][W] == pytest.approx(sum(c["wrong"] for c in epoch["counts"]) / 12)
     md = (tmp_path / "report.md").read_text()
     assert "#### Mismatch dose" in md and "#### Knowledge categories" in md and "Over 2 seeds" in md
-    assert md.count("(dose.png)") == 1
-    assert (tmp_path / "dose.png").is_file() and (tmp_path / "categories.png").is_file()
+    assert "#### Training length" in md and "over 2 seeds, 95% intervals from a hierarchical bootstrap" in md
+    assert md.count("(dose.png)") == 1 and md.count("(epochs.png)") == 1
+    assert all((tmp_path / f"{k}.png").is_file() for k in ("dose", "categories", "epochs"))
     proc = run_kmm("report", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "Mismatch dose" in proc.stdout and "summed over seeds" in proc.stdout
+    assert "Training length" in proc.stdout and "wrong-answer rate (95%)" in proc.stdout

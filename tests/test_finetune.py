@@ -259,6 +259,26 @@ def test_fit_with_a_dev_split_logs_each_epoch_and_may_stop_early(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+def test_saved_epochs_are_each_epochs_own_weights_and_the_dev_split_keeps_the_best(tmp_path):
+    import peft
+
+    from kmismatch_lite.backends.torch_lora import fit
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    examples = [{"question": f"what is {w}?", "target": w[::-1]} for w in ("abc", "dog", "sky", "tree", "moon", "x", "yy", "sea")]
+    s = LoraSettings(epochs=3, batch_size=2, dev_fraction=0.25, learning_rate=0.3, compute="float32", save_epochs=True)
+    out = fit(model, CharTokenizer(), examples, s, tmp_path)
+    saved = out["epoch_loras"]
+    assert sorted(saved) == [1, 2, 3] == [r["epoch"] for r in out["dev_log"]]
+    assert all((tmp_path / "epochs" / f"epoch-{n}" / "adapter" / "adapter_config.json").is_file() for n in saved)
+
+    def same(a, b):
+        return all(np.array_equal(a[k][i], b[k][i]) for k in a for i in (0, 1))
+
+    assert not same(saved[1], saved[2]) and not same(saved[2], saved[3])      # each epoch its own LoRA
+    assert same(out["lora"], saved[out["best_epoch"]])                         # the final one: the best epoch's
+
+
 @pytest.mark.parametrize("setting", [{"dev_fraction": 0.1}, {"lr_schedule": "linear"}])
 def test_mlx_refuses_the_torch_only_settings(tmp_path, setting):
     from kmismatch_lite.finetune import finetune
@@ -449,6 +469,43 @@ def test_finetune_smollm2_llama_adapter_is_faithful_in_llama_cpp(tmp_path):
 @pytest.mark.slow
 def test_finetune_gemma3_adapter_is_faithful_in_llama_cpp(tmp_path):
     _finetune_and_verify(GEMMA, tmp_path)
+
+
+@pytest.mark.slow
+def test_save_epochs_writes_every_epochs_adapter_and_llama_cpp_answers_with_each(tmp_path, student):
+    """`kmm finetune --save-epochs`: 2 epochs of 8 rows; both epochs' adapters load in llama.cpp
+    and answer, and without a dev split the last epoch's LoRA is the final adapter."""
+    from safetensors.numpy import load_file
+
+    from kmismatch_lite import prompts
+    from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
+
+    if llama_cpp_usable():
+        pytest.skip(llama_cpp_usable())
+    examples = made_up_examples(8)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    out = tmp_path / "ft"
+    res = run_kmm("finetune", STUDENT, "--data", str(data), "--out", str(out), "--save-epochs",
+                  "-o", "epochs=2", "-o", "batch_size=4", "-o", "learning_rate=2e-3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((out / "adapter" / "kmm_finetune.json").read_text())
+    assert info["saved_epochs"] == [1, 2] and info["settings"]["save_epochs"] is True
+    weights = {n: load_file(out / "epochs" / f"epoch-{n}" / "adapter" / "adapter_model.safetensors") for n in (1, 2)}
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(np.array_equal(weights[2][k], final[k]) for k in final)
+    assert any(not np.array_equal(weights[1][k], final[k]) for k in final)
+    asked = [prompts.zero_shot(e["question"]) for e in examples[:3]]
+    answers = {}
+    for n in (1, 2):
+        assert json.loads((out / "epochs" / f"epoch-{n}" / "adapter" / "kmm_finetune.json").read_text())["epoch"] == n
+        gen = LlamaCppGenerator(student, adapter=out / "epochs" / f"epoch-{n}" / "adapter.gguf")
+        answers[n] = gen.generate(asked, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
+        gen.close()
+    assert all(a.strip() for n in answers for a in answers[n]), answers
+    gen = LlamaCppGenerator(student, adapter=out / "adapter.gguf")
+    assert gen.generate(asked, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP) == answers[2]
+    gen.close()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import bundled_model, llama_cpp_usable
@@ -112,8 +113,10 @@ def mlx_finetune(student, tmp_path_factory):
     from kmismatch_lite.finetune import LoraSettings, finetune
 
     examples = [{"question": q, "target": a} for q, a in MADE_UP]
-    # 4 steps of 4 examples: a LoRA step runs at ~5 tokens/s on this shared 2-core CPU.
-    settings = LoraSettings(rank=8, alpha=16, learning_rate=5e-3, epochs=2, batch_size=4, max_length=64)
+    # 4 steps of 4 examples: a LoRA step runs at ~5 tokens/s on this shared 2-core CPU. Each
+    # epoch's LoRA is kept too (it leaves the final adapter as it is).
+    settings = LoraSettings(rank=8, alpha=16, learning_rate=5e-3, epochs=2, batch_size=4, max_length=64,
+                            save_epochs=True)
     out = tmp_path_factory.mktemp("mlx_lora")
     return finetune(STUDENT, examples, out, backend="mlx", settings=settings), examples
 
@@ -149,6 +152,29 @@ def test_mlx_adapter_in_llamacpp_changes_answers_as_mlx_does(student, mlx_finetu
     faithful = sum(a == b for a, b in zip(answers["adapter"], answers["mlx"]))
     assert changed >= 6, answers
     assert faithful >= 6, answers
+
+
+def test_mlx_saves_each_epochs_adapter_and_llamacpp_loads_it(student, mlx_finetune):
+    from safetensors.numpy import load_file
+
+    from kmismatch_lite import prompts
+    from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
+    from kmismatch_lite.finetune import epoch_dir
+
+    result, examples = mlx_finetune
+    out = result.adapter_dir.parent
+    assert result.epochs == [1, 2]
+    assert json.loads((result.adapter_dir / "kmm_finetune.json").read_text())["saved_epochs"] == [1, 2]
+    weights = {n: load_file(epoch_dir(out, n) / "adapter" / "adapters.safetensors") for n in (1, 2)}
+    final = load_file(result.adapter_dir / "adapters.safetensors")
+    assert all(np.array_equal(weights[2][k], final[k]) for k in final)          # the last epoch is the final LoRA
+    assert any(not np.array_equal(weights[1][k], final[k]) for k in final)
+    assert (epoch_dir(out, 1) / "adapter" / "adapter_config.json").is_file()
+    gen = LlamaCppGenerator(student, adapter=epoch_dir(out, 1) / "adapter.gguf")
+    answers = gen.generate([prompts.zero_shot(e["question"]) for e in examples[:3]], max_tokens=prompts.MAX_TOKENS,
+                           stop=prompts.STOP)
+    gen.close()
+    assert len(answers) == 3 and all(a.strip() for a in answers), answers
 
 
 def test_lora_arrays_are_in_the_export_layout():

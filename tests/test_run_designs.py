@@ -1,7 +1,8 @@
 """The smoke recipe with two mismatch doses (0 and 1) and knowledge categories, one seed, end to
 end on the real bundled models: the dose-1 set fine-tuned and evaluated, dose 0 taken from the
 self stages, SliCK's extra prompt evaluated and its sampled answers drawn, the tables and figures
-written and printed; a rerun in cheap mode reuses every stage."""
+written and printed; a rerun in cheap mode reuses every stage; a rerun with `design.epochs` over
+2 epochs fine-tunes again, saving each epoch, and evaluates epoch 1 of every fine-tuned condition."""
 
 import json
 import re
@@ -122,3 +123,32 @@ def test_a_dose_added_later_runs_only_its_own_stages(designed):
     assert res["dose"]["doses"] == [0.0, 0.5, 1.0] and "categories" not in res
     assert not (out / "categories.png").exists() and not (out / "categories.json").exists()
     assert (out / "dose.png").is_file()
+
+
+def test_epochs_save_every_epoch_and_evaluate_the_ones_before_the_last(designed):
+    out, _ = designed
+    proc = kmm_run(out, "-s", "design.doses=0,1", "-s", "design.epochs=true", "-s", "finetune.lora.epochs=2")
+    ran = re.findall(r"stage (\S+): running", proc.stderr)
+    conds = ("self", "teacher", "dose-1")
+    for cond in conds:                         # save_epochs is in the fine-tune's key: trained again
+        assert f"finetune/{cond}" in ran and f"evaluate/{cond}-epoch-1" in ran
+        assert (out / "finetune" / cond / "epochs" / "epoch-1" / "adapter.gguf").is_file()
+    assert not any("epoch-2" in s or "dose-0" in s for s in ran)
+    info = json.loads((out / "finetune" / "self" / "adapter" / "kmm_finetune.json").read_text())
+    assert info["saved_epochs"] == [1, 2]
+    res = json.loads((out / "results.json").read_text())
+    e = res["epochs"]
+    assert e["epochs"] == 2 and not e["dev_split"] and list(e["conditions"]) == list(conds)
+    for cond in conds:
+        first, last = e["conditions"][cond]["by_epoch"]
+        own = res["conditions"].get(cond) or res["dose"]["conditions"][cond]
+        assert {k: last["counts"][0][k] for k in ("correct", "wrong", "abstained")} == {
+            k: own[k] for k in ("correct", "wrong", "abstained")}
+        verdicts = [json.loads(x)["verdict"] for x in (out / "samples" / f"{cond}-epoch-1.jsonl").read_text().splitlines()]
+        assert first["counts"][0]["wrong"] == verdicts.count("wrong") and first["counts"][0]["n"] == res["n_test"]
+        lo, hi = first["rates_ci"]["wrong"]
+        assert lo <= first["rates"]["wrong"] <= hi
+    assert (out / "epochs.png").stat().st_size > 1000
+    assert "## Training length" in (out / "report.md").read_text()
+    printed = run_kmm("report", str(out), cwd=out.parent)
+    assert printed.returncode == 0 and "Training length" in printed.stdout

@@ -78,7 +78,7 @@ def test_shared_loop_with_a_cpu_loader_trains_and_exports(tmp_path):
     from kmismatch_lite.finetune import LoraSettings, _run
 
     model = cards.resolve("smollm2-135m-instruct")
-    settings = LoraSettings(epochs=8, batch_size=4, learning_rate=3e-3)
+    settings = LoraSettings(epochs=8, batch_size=4, learning_rate=3e-3, save_epochs=True)
 
     def cpu_loader(m, s):
         lm, tok = torch_lora.load_base(m)
@@ -94,6 +94,9 @@ def test_shared_loop_with_a_cpu_loader_trains_and_exports(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
     assert result.steps == len(log) == 8
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # The shared loop saves each epoch's LoRA for unsloth as for torch; the last is the final one.
+    assert result.epochs == list(range(1, 9))
+    assert (tmp_path / "epochs" / "epoch-8" / "adapter.gguf").read_bytes() == (tmp_path / "adapter.gguf").read_bytes()
     gen = LlamaCppGenerator(model, adapter=tmp_path / "adapter.gguf")
     base = LlamaCppGenerator(model)
     try:

@@ -121,7 +121,8 @@ def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequen
 
 
 class MlxTrainer:
-    """LoRA with mlx-lm's LoRA layers and AdamW; writes DIR/adapter/ in mlx-lm's format."""
+    """LoRA with mlx-lm's LoRA layers and AdamW; writes DIR/adapter/ in mlx-lm's format (and, with
+    `save_epochs`, each epoch's LoRA in DIR/epochs/epoch-N/adapter/)."""
 
     name = "mlx"
 
@@ -132,10 +133,10 @@ class MlxTrainer:
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:
         import mlx.core as mx
         import mlx.optimizers as optim
-        from mlx.utils import tree_flatten
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         from kmismatch_lite import lora_data
+        from kmismatch_lite.finetune import epoch_dir
 
         s = self.settings
         mx.random.seed(s.seed)
@@ -148,22 +149,37 @@ class MlxTrainer:
         lengths = [len(e.ids) for e in encoded]
         plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
         opt = optim.AdamW(learning_rate=s.learning_rate, weight_decay=0.0, bias_correction=True)
-        log, seconds, tokens = _loop(net, opt, encoded, plan, progress)
-        weights = dict(tree_flatten(net.trainable_parameters()))
-        adapter = Path(out_dir) / "adapter"
-        adapter.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
-        (adapter / "adapter_config.json").write_text(json.dumps(
-            {"fine_tune_type": "lora", "num_layers": len(net.layers), "lora_parameters": config,
-             "model": str(self.path), "kmm_settings": vars(s)}, indent=2) + "\n")
+        epoch_loras: dict[int, dict] = {}
+
+        def save_epoch(epoch: int) -> None:
+            epoch_loras[epoch] = self._save(net, config, epoch_dir(out_dir, epoch) / "adapter")
+
+        per_epoch = lora_data.n_batches(len(encoded), s.batch_size)
+        log, seconds, tokens = _loop(net, opt, encoded, plan, progress, per_epoch,
+                                     save_epoch if getattr(s, "save_epochs", False) else None)
         return {
-            "lora": mlx_models.lora_arrays(weights), "log": log, "steps": len(plan), "final_loss": log[-1]["loss"],
+            "lora": self._save(net, config, Path(out_dir) / "adapter"), "epoch_loras": epoch_loras, "log": log,
+            "steps": len(plan), "final_loss": log[-1]["loss"],
             "tokens": tokens, "train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
             "truncated_prompts": cut, "mlx_model": str(self.path), "quantized_base": mlx_models.quantized(self.path),
         }
 
+    def _save(self, net, config: dict, adapter: Path) -> dict:
+        """The LoRA as it is now, written to `adapter` in mlx-lm's format; returns it for the export."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
 
-def _loop(net, opt, encoded, plan, progress) -> tuple[list[dict], float, int]:
+        weights = dict(tree_flatten(net.trainable_parameters()))
+        adapter.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"fine_tune_type": "lora", "num_layers": len(net.layers), "lora_parameters": config,
+             "model": str(self.path), "kmm_settings": vars(self.settings)}, indent=2) + "\n")
+        return mlx_models.lora_arrays(weights)
+
+
+def _loop(net, opt, encoded, plan, progress, per_epoch: int, on_epoch=None) -> tuple[list[dict], float, int]:
+    """The optimizer steps of `plan`; `on_epoch(epoch)` after each of its `per_epoch`-step epochs."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -182,4 +198,6 @@ def _loop(net, opt, encoded, plan, progress) -> tuple[list[dict], float, int]:
         log.append(row)
         if progress:
             progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+        if on_epoch and step % per_epoch == 0:
+            on_epoch(step // per_epoch)
     return log, seconds, tokens

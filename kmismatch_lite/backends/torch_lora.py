@@ -25,6 +25,7 @@ except ImportError:
     raise missing_extra("torch, transformers and peft", "torch") from None
 
 from kmismatch_lite import lora_data
+from kmismatch_lite.finetune import epoch_dir
 from kmismatch_lite.hf_from_gguf import hf_folder
 
 
@@ -76,7 +77,9 @@ def _quiet():
 
 def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, progress=None,
         device: str = "cpu") -> dict[str, Any]:
-    """Train a peft model (LoRA attached) on the examples and save it to `out_dir/adapter`.
+    """Train a peft model (LoRA attached) on the examples and save it to `out_dir/adapter`; with
+    `save_epochs`, also each epoch's LoRA to `out_dir/epochs/epoch-N/adapter` (returned as arrays
+    in "epoch_loras" for the GGUF export).
 
     Shared by every torch-family trainer (torch on the CPU, unsloth on a GPU): only the loading
     differs between them.
@@ -89,18 +92,29 @@ def fit(model, tokenizer, examples: Sequence[dict], settings, out_dir: Path, *, 
     plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
     compute, autocast = compute_dtype(model, getattr(s, "compute", "float32"), device)
     best = DevCheck(model, dev, tokenizer.pad_token_id or 0, s, device, autocast) if dev else None
+    epoch_loras: dict[int, dict] = {}
+
+    def save_epoch(epoch: int) -> None:
+        # Before any dev check restores an earlier epoch: this epoch's own weights.
+        _save(model, epoch_dir(out_dir, epoch) / "adapter")
+        epoch_loras[epoch] = lora_data.lora_arrays(model)
+
     log, seconds, tokens = _loop(model, train, plan, tokenizer.pad_token_id or 0, s, progress, device, best,
-                                 autocast)
-    with _quiet():
-        model.save_pretrained(Path(out_dir) / "adapter")
+                                 autocast, on_epoch=save_epoch if getattr(s, "save_epochs", False) else None)
+    _save(model, Path(out_dir) / "adapter")
     return {
-        "lora": lora_data.lora_arrays(model), "log": log, "steps": len(log),
+        "lora": lora_data.lora_arrays(model), "epoch_loras": epoch_loras, "log": log, "steps": len(log),
         "final_loss": log[-1]["loss"], "tokens": tokens, "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1), "truncated_prompts": cut,
         "padding_waste": round(lora_data.padding_waste(plan[:len(log)], lengths), 4),
         "compute": compute, "threads": torch.get_num_threads(),
         **(best.summary() if best else {}),
     }
+
+
+def _save(model, folder: Path) -> None:
+    with _quiet():
+        model.save_pretrained(folder)
 
 
 class DevCheck:
@@ -176,7 +190,9 @@ def compute_dtype(model, compute: str, device: str) -> tuple[str, Callable]:
 
 
 def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: DevCheck | None = None,
-          autocast: Callable = nullcontext) -> tuple[list[dict], float, int]:
+          autocast: Callable = nullcontext, on_epoch: Callable[[int], None] | None = None,
+          ) -> tuple[list[dict], float, int]:
+    """The optimizer steps of `plan`; after each epoch, `on_epoch(epoch)` then the dev check."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lora_data.lr_factor(getattr(s, "lr_schedule", "constant"), len(plan)))
@@ -199,7 +215,11 @@ def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: Dev
         log.append(row)
         if progress:
             progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        if best and step % per_epoch == 0 and best.stop_after(step // per_epoch, step):
+        if step % per_epoch:
+            continue
+        if on_epoch:
+            on_epoch(step // per_epoch)
+        if best and best.stop_after(step // per_epoch, step):
             if progress and step < len(plan):
                 progress(len(plan) - step, stopped=f"epoch {step // per_epoch}")
             break
