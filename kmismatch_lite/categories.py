@@ -5,7 +5,6 @@ sampled at temperature 0.5, and every condition's verdicts broken down by those 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from math import comb
 from typing import Mapping, Sequence
@@ -13,7 +12,7 @@ from typing import Mapping, Sequence
 from kmismatch_lite import prompts, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import Sampling
+from kmismatch_lite.sampling import Sampling, derive_seed
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 KNOWN = "Known"  # the cheap mode's only other category
@@ -53,8 +52,7 @@ def slick(greedy: Sequence[str], sampled: Sequence[str]) -> str:
 def sample_settings(seed: int, j: int) -> Sampling:
     """The sampling of SliCK's j-th sampled run (j = 1..M) in the cell of `seed`: temperature
     TEMPERATURE with a sampling seed of its own, derived from the cell's seed and j."""
-    digest = hashlib.sha256(f"slick-sample:{seed}:{j}".encode("utf-8")).digest()
-    return Sampling(TEMPERATURE, int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+    return Sampling(TEMPERATURE, derive_seed(f"slick-sample:{seed}:{j}"))
 
 
 def sampling_record(m_samples: int, seeds: Sequence[int]) -> dict:

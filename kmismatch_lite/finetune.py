@@ -161,7 +161,7 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
              settings: LoraSettings | dict | None = None, verify: bool = False,
              progress_factory: Callable | None = None) -> FinetuneResult:
     """Fit a LoRA on the student and write adapter/, adapter.gguf and train_log.jsonl into `out_dir`
-(and epochs/epoch-N/ with `settings.save_epochs`).
+    (and epochs/epoch-N/ with `settings.save_epochs`).
 
     Everything is built in a temporary folder inside `out_dir` and moved into place only at the
     end, so a failure leaves no half-written output. `progress_factory(description, total)` is a

@@ -288,7 +288,7 @@ class CellRun:
         evaluated = {}
         for cond, (role, template, adapter) in conditions.items():
             folder, _ = self.answers(f"evaluate/{cond}", role, "test", template, data_key, adapter)
-            evaluated[cond] = (read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text()))
+            evaluated[cond] = _answered(folder)
         return evaluated
 
     def evaluate_epochs(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> tuple[dict, dict]:
@@ -305,8 +305,7 @@ class CellRun:
                 continue
             folder, _ = self.answers(f"evaluate/{planning.epoch_condition(cond, epoch)}", "student", "test",
                                      prompts.PromptTemplate(), data_key, (adapter, f"{key}/epoch-{epoch}"))
-            evaluated.setdefault(cond, {})[epoch] = (read_jsonl(folder / "samples.jsonl"),
-                                                     json.loads((folder / "metrics.json").read_text()))
+            evaluated.setdefault(cond, {})[epoch] = _answered(folder)
         kept = {}
         for cond in planning.finetuned_conditions(self.recipe):
             info = json.loads((adapters[cond][0].parent / "adapter" / "kmm_finetune.json").read_text())
@@ -338,6 +337,11 @@ class CellRun:
         # With M = 0 there are no sampled answers, so WeaklyKnown merges into Unknown.
         return categories.categorize(categories.verdicts_by_question(runs),
                                      categories.verdicts_by_question(sampled))
+
+
+def _answered(folder: Path) -> tuple[list[dict], dict]:
+    """An answering stage's output: its scored samples and its metrics."""
+    return read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text())
 
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:

@@ -37,10 +37,8 @@ class Sampling:
         return self.temperature == 0.0
 
     def prompt_seed(self, prompt: str) -> int:
-        """The seed of one prompt's answer, from the sampling seed and the prompt's text (31 bits:
-        servers take it as a signed or unsigned 32-bit number, and llama.cpp reads 2^32-1 as random)."""
-        digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode("utf-8")).digest()
-        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+        """The seed of one prompt's answer, from the sampling seed and the prompt's text."""
+        return derive_seed(f"{self.seed}\0{prompt}")
 
     def picker(self, prompt: str) -> Callable[[Any], int]:
         """The function that picks the next token of `prompt`'s answer from a logits vector:
@@ -61,6 +59,13 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+
+def derive_seed(text: str) -> int:
+    """A seed named by `text` (its sha256), in 31 bits: servers take a seed as a signed or
+    unsigned 32-bit number, and llama.cpp reads 2^32-1 as random."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def sample(logits, temperature: float, rng) -> int:
