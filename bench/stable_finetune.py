@@ -6,8 +6,9 @@ fine-tune changes: each setting is trained with each LoRA seed on both sets, and
 answers the run's test questions zero-shot through llama.cpp. Printed (markdown): per setting and
 seed, the abstained and wrong counts of the self and teacher students, the dev loss where the
 setting holds out a dev split, the steps and training seconds; then per setting the spread across
-seeds (standard deviation and range of the abstain and wrong shares). Results are kept under
-`--out` per (setting, seed, set), so an interrupted sweep continues where it stopped.
+seeds (standard deviation and range of the abstain and wrong shares, and of the difference in
+wrong-answer rate, teacher minus self: the experiment's measure). Results are kept under `--out`
+per (setting, seed, set), so an interrupted sweep continues where it stopped.
 
     python bench/stable_finetune.py runs/quickstart --seeds 0 1 2 \\
         --setting default: --setting "es:learning_rate=3e-4,epochs=6,dev_fraction=0.1,patience=1"
@@ -98,6 +99,9 @@ def main() -> None:
             rs = [rows[name, seed, which] for seed in args.seeds]
             print(f"{name} {which}: abstained {spread([r['abstained'] / r['n'] for r in rs])}; "
                   f"wrong {spread([r['wrong'] / r['n'] for r in rs])}")
+        diffs = [(rows[name, seed, "teacher"]["wrong"] - rows[name, seed, "self"]["wrong"]) / rows[name, seed, "self"]["n"]
+                 for seed in args.seeds]
+        print(f"{name} wrong, teacher minus self: {spread(diffs)}")
 
 
 if __name__ == "__main__":
