@@ -174,7 +174,8 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
         raise KmmError("examples must be a non-empty list of {'question': str, 'target': str}")
     if backend == "mlx" and (settings.dev_fraction > 0 or settings.lr_schedule != "constant"):
         raise KmmError("the mlx backend trains with a constant rate on all examples: "
-                       "fine-tune settings 'dev_fraction' and 'lr_schedule' are for torch and unsloth")
+                       "fine-tune settings 'dev_fraction' and 'lr_schedule' are for torch and unsloth "
+                       "(in a recipe: -s finetune.lora.dev_fraction=0 -s finetune.lora.lr_schedule=constant)")
     model = cards.resolve(student)
     if model.gguf_path is None:
         raise KmmError(f"model '{student}' is served over HTTP; fine-tuning needs its GGUF file")
