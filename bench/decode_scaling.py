@@ -23,15 +23,12 @@ from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
 
 def step_ms(llm, prefix: list[int], n: int, repeats: int) -> float:
-    """Median wall milliseconds of decoding `n` tokens after `prefix` in one call."""
-    import llama_cpp
-
-    mem = llama_cpp.llama_get_memory(llm.ctx)
+    """Median wall milliseconds of decoding `n` tokens after `prefix` in one call (rolled back as
+    the generator does: `eval` drops the cache cells from `n_tokens` on)."""
     filler = prefix[-n:] if len(prefix) >= n else (prefix * n)[:n]
     times = []
     for _ in range(repeats):
         llm.n_tokens = len(prefix)
-        llama_cpp.llama_memory_seq_rm(mem, 0, len(prefix), -1)
         t0 = time.perf_counter()
         llm.eval(filler)
         times.append((time.perf_counter() - t0) * 1000)
