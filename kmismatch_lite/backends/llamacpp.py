@@ -24,7 +24,8 @@ from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.sampling import GREEDY, Sampling
 
-OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int}
+OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
+           "exact": bool}
 
 # Answers decoded at once. One keeps every answer equal to a plain llama.cpp loop's; 16 at once
 # answered 1.1x (SmolLM2) to 1.7x (Gemma 3) faster on an idle 2-core CPU but changed 4-8% of the
@@ -53,7 +54,7 @@ class LlamaCppGenerator:
 
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
-                 lora_scale: float = 1.0, parallel: int = PARALLEL):
+                 lora_scale: float = 1.0, parallel: int = PARALLEL, exact: bool = False):
         if parallel < 1:
             raise KmmError(f"parallel must be at least 1 (got {parallel})")
         if adapter is not None:
@@ -65,7 +66,7 @@ class LlamaCppGenerator:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise missing_extra("llama-cpp-python", "llamacpp") from None
-        self.model, self.adapter, self.seed, self.parallel = model, adapter, seed, parallel
+        self.model, self.adapter, self.seed, self.parallel, self.exact = model, adapter, seed, parallel, exact
         if n_gpu_layers is None:
             n_gpu_layers = -1 if _gpu_offload() else 0
         threads = threads or max(1, (os.cpu_count() or 2))
@@ -76,15 +77,16 @@ class LlamaCppGenerator:
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise KmmError(f"llama.cpp could not load {model.gguf_path} (corrupt or truncated file?): {exc}") from None
-        contexts = [self.llm._ctx.ctx]
+        lora = _load_lora(self.llm, Path(adapter)) if adapter is not None else None
+        if lora is not None:
+            _set_lora(self.llm._ctx.ctx, lora, lora_scale, Path(adapter))
         self._batched = None
         if parallel > 1:
             from kmismatch_lite.backends.llamacpp_batch import BatchDecoder
 
-            self._batched = BatchDecoder(self.llm, parallel, self.llm.n_ctx(), threads)
-            contexts.append(self._batched.ctx.ctx)
-        if adapter is not None:
-            _apply_lora(self.llm, Path(adapter), lora_scale, contexts)
+            on_context = None if lora is None else (lambda ctx: _set_lora(ctx, lora, lora_scale, Path(adapter)))
+            self._batched = BatchDecoder(self.llm, parallel, threads, on_context, exact=exact)
+            self.llm._stack.callback(self._batched.close)
         self._eos = {self.llm.token_eos()}
         eot = getattr(self.llm, "_model", None)
         if eot is not None and hasattr(eot, "token_eot"):
@@ -96,7 +98,7 @@ class LlamaCppGenerator:
 
         return {"backend": self.name, "llama_cpp_python": llama_cpp.__version__,
                 "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None,
-                "parallel": self.parallel}
+                "parallel": self.parallel, "exact": self.exact}
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -146,8 +148,8 @@ class LlamaCppGenerator:
         return self._batched.generate(token_lists, max_tokens, stop, self._eos, progress)
 
 
-def _apply_lora(llm, adapter: Path, scale: float, contexts: list) -> None:
-    """Load a GGUF LoRA onto the model and apply it in each context. Not through Llama(lora_path=...): llama-cpp-python misses
+def _load_lora(llm, adapter: Path):
+    """Load a GGUF LoRA onto the model. Not through Llama(lora_path=...): llama-cpp-python misses
     the NULL that llama.cpp returns for a bad adapter (another base, not a LoRA, truncated) and
     then segfaults."""
     import llama_cpp
@@ -160,10 +162,16 @@ def _apply_lora(llm, adapter: Path, scale: float, contexts: list) -> None:
         raise KmmError(f"llama.cpp could not load the adapter {adapter}: not a LoRA adapter GGUF, "
                        f"truncated, or made for another base model than {llm.model_path}")
     llm._stack.callback(llama_cpp.llama_adapter_lora_free, lora)
+    return lora
+
+
+def _set_lora(ctx, lora, scale: float, adapter: Path) -> None:
+    """Apply a loaded LoRA in a context."""
+    import llama_cpp
+
     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
-    for ctx in contexts:
-        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
-            raise KmmError(f"llama.cpp could not apply the adapter {adapter}")
+    if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+        raise KmmError(f"llama.cpp could not apply the adapter {adapter}")
 
 
 def _gpu_offload() -> bool:

@@ -1,11 +1,26 @@
 """Batched greedy decoding in llama.cpp: several prompts answered together in one context.
 
-The prompts' shared token prefix (few-shot exemplars, or the start of the zero-shot form) is
-decoded once into sequence 0; its KV cells are shared with N slot sequences (a unified KV cache
-copies only cell metadata). Each step decodes every active slot in one `llama_decode`: a new
-prompt's remaining tokens, or the last token picked for an answer in progress. A slot whose answer
-ends (stop string, end of generation, token cap) drops its cells after the prefix and takes the
-next prompt in the same step.
+N slots are sequences. The prompts' shared token prefix (few-shot exemplars, or the start of the
+zero-shot form) is decoded once into sequence 0 and shared with every slot. Prompts are taken in
+token order, so a slot's next prompt mostly shares more than that prefix with its last one (the
+question template): the slot keeps those cells and decodes only the rest, as the one-at-a-time path
+keeps the prefix it shares with the previous prompt. A slot whose answer ends (stop string, end of
+generation, token cap) takes the next prompt.
+
+Two layouts of the KV cache:
+
+- fast (the default): one cache shared by all sequences; a step decodes, in one `llama_decode`,
+  every busy slot's pending tokens (a new prompt's rest, or the last token picked for an answer).
+  A sequence's cells then lie among other sequences' cells, so attention adds the same terms in
+  another order, and its matmuls see other row counts than the one-at-a-time path's (whose answer
+  tokens are decoded alone, on other kernels). The last bits of the logits change, and a near-tie
+  between two tokens flips now and then (bench/check_speed.py counts them).
+- exact: a KV stream per sequence (llama.cpp's non-unified cache), the prefix copied into each
+  stream, and each call decodes slots with as many pending tokens: a new prompt's rest in one call,
+  answer tokens one per sequence, as the one-at-a-time path does. Attention then runs the same
+  sums on the same kernels, and greedy answers equal the one-at-a-time ones wherever the weight
+  kernels do not depend on the row count (SmolLM2's Q4_1). It makes more, smaller calls (llama.cpp
+  splits a call whose sequences have unequal token counts into several), so it is slower.
 """
 
 from __future__ import annotations
@@ -20,20 +35,19 @@ from kmismatch_lite.errors import KmmError
 from kmismatch_lite.prompts import clean_output
 
 PREFIX_SEQ = 0
+CELL_BLOCK = 256          # cells per sequence: a multiple of this
 
 
 @dataclass
-class _Answer:
-    """One prompt's answer in progress in a slot."""
+class _Slot:
+    """One sequence: the tokens whose cells the cache holds for it, and the answer in progress."""
 
-    index: int
-    feed: list[int]          # tokens still to decode (the prompt's rest, then one picked token)
-    pos: int                 # position of feed[0]
-    cells: int               # KV cells reserved for this prompt
+    seq: int
+    cached: list[int]
+    index: int = -1          # the prompt answered, -1 when free
+    feed: list[int] = field(default_factory=list)  # to decode: the prompt's rest, or one picked token
     out: bytes = b""
     n_out: int = 0
-    row: int = -1            # this slot's logits row in the last batch
-    picked: list[int] = field(default_factory=list)
 
 
 def shared_prefix(token_lists: Sequence[Sequence[int]]) -> list[int]:
@@ -48,34 +62,62 @@ def shared_prefix(token_lists: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:max(n, 0)])
 
 
-class BatchDecoder:
-    """Up to `n_slots` greedy answers decoded at once in a context of `n_cells` KV cells."""
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
-    def __init__(self, llm, n_slots: int, n_cells: int, threads: int):
-        import llama_cpp
+
+class BatchDecoder:
+    """Up to `n_slots` greedy answers decoded at once. The context is made at the first call with
+    room for every slot's longest prompt and answer, and made again when a later call needs more;
+    `on_context(ctx)` is called with each new context (to apply a LoRA)."""
+
+    def __init__(self, llm, n_slots: int, threads: int, on_context: Callable | None = None, exact: bool = False):
+        self.llm, self.n_slots, self.threads, self.on_context = llm, n_slots, threads, on_context
+        self.exact = exact
+        self.n_vocab = llm.n_vocab()
+        self.ctx = self.batch = None
+        self.per_seq = 0
+        self._prefix: list[int] = []
+
+    def _context(self, need: int) -> None:
+        """A context with `need` cells for each sequence (made anew when the present one is smaller)."""
         from llama_cpp import _internals
         from llama_cpp._utils import suppress_stdout_stderr
 
+        if self.ctx is not None and need <= self.per_seq:
+            return
+        self.close()
+        per_seq = -(-need // CELL_BLOCK) * CELL_BLOCK
+        n_seq = self.n_slots + 1                  # the prefix sequence and the slots
         # The one-at-a-time context's settings (flash attention off among them), resized.
-        params = type(llm.context_params).from_buffer_copy(llm.context_params)
-        params.n_ctx = params.n_batch = n_cells
-        params.n_ubatch = min(512, n_cells)
-        params.n_seq_max = n_slots + 1           # the prefix sequence and the slots
-        params.kv_unified = True                 # slots share the prefix's cells
-        params.swa_full = True                   # Gemma 3's sliding-window cache keeps every cell
-        params.n_threads = params.n_threads_batch = threads
+        params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
+        params.n_ctx = per_seq * n_seq
+        params.n_batch = per_seq * self.n_slots
+        params.n_ubatch = min(512, params.n_batch)
+        params.n_seq_max = n_seq
+        params.kv_unified = not self.exact        # exact: a stream of cells per sequence
+        params.swa_full = True                    # Gemma 3's sliding-window cache keeps every cell
+        params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
         try:
             with suppress_stdout_stderr(disable=False):   # llama.cpp's C-level context log lines
-                self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+                ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
         except ValueError as exc:
-            raise KmmError(f"llama.cpp could not make a context for {n_slots} parallel answers: {exc}") from None
-        llm._stack.callback(self.ctx.close)
-        self.n_cells = llama_cpp.llama_n_ctx(self.ctx.ctx)
-        self.batch = _internals.LlamaBatch(n_tokens=self.n_cells, embd=0, n_seq_max=1, verbose=False)
-        llm._stack.callback(self.batch.close)
-        self.llm, self.n_slots, self.n_vocab = llm, n_slots, llm.n_vocab()
-        self._prefix: list[int] = []
+            raise KmmError(f"llama.cpp could not make a context for {self.n_slots} parallel answers: {exc}") from None
+        self.ctx, self.per_seq, self._prefix = ctx, per_seq, []
+        self.batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+        if self.on_context is not None:
+            self.on_context(ctx.ctx)
+
+    def close(self) -> None:
+        for obj in (self.batch, self.ctx):
+            if obj is not None:
+                obj.close()
+        self.ctx = self.batch = None
 
     def generate(self, token_lists: Sequence[list[int]], max_tokens: int, stop: Sequence[str],
                  eos: set[int], progress: Callable[[int], None] | None = None) -> list[str]:
@@ -85,81 +127,104 @@ class BatchDecoder:
         outputs = [""] * len(token_lists)
         if not token_lists or max_tokens <= 0:
             return outputs
+        self._context(max(len(t) for t in token_lists) + max_tokens)
         mem = self.ctx.memory
-        n_prefix = self._load_prefix(shared_prefix(token_lists))
-        waiting = deque(range(len(token_lists)))
-        free = list(range(self.n_slots, 0, -1))
-        active: dict[int, _Answer] = {}
-        reserved = n_prefix
+        prefix = self._load_prefix(shared_prefix(token_lists))
+        waiting = deque(sorted(range(len(token_lists)), key=token_lists.__getitem__))
+        slots = [_Slot(seq, list(prefix)) for seq in range(1, self.n_slots + 1)]
         try:
-            while waiting or active:
-                # A prompt takes a free slot when its tokens and answer fit the cells left.
-                while free and waiting and reserved + len(token_lists[waiting[0]]) - n_prefix + max_tokens <= self.n_cells:
-                    i = waiting.popleft()
-                    ans = _Answer(i, token_lists[i][n_prefix:], n_prefix, len(token_lists[i]) - n_prefix + max_tokens)
-                    active[free.pop()] = ans
-                    reserved += ans.cells
-                self._decode(active)
-                for seq, ans in list(active.items()):
-                    tok = int(np.argmax(np.ctypeslib.as_array(
-                        llama_cpp.llama_get_logits_ith(self.ctx.ctx, ans.row), shape=(self.n_vocab,))))
-                    if self._take(ans, tok, max_tokens, stop, eos):
-                        outputs[ans.index] = clean_output(ans.out.decode("utf-8", errors="ignore"), stop)
-                        del active[seq]
-                        llama_cpp.llama_memory_seq_rm(mem, seq, n_prefix, -1)
-                        free.append(seq)
-                        reserved -= ans.cells
-                        if progress:
-                            progress(1)
+            while True:
+                for slot in slots:
+                    if slot.index < 0 and waiting:
+                        self._start(slot, waiting.popleft(), token_lists)
+                busy = [s for s in slots if s.index >= 0]
+                if not busy:
+                    break
+                steps = [busy]
+                if self.exact:
+                    # One call per count of tokens left: a new prompt's rest decoded in one call
+                    # (as the one-at-a-time path does), the answers' next tokens in another.
+                    groups: dict[int, list[_Slot]] = {}
+                    for slot in busy:
+                        groups.setdefault(len(slot.feed), []).append(slot)
+                    steps = [groups[n] for n in sorted(groups, reverse=True)]
+                for step in steps:
+                    for slot, tok in zip(step, self._step(step)):
+                        if self._take(slot, int(tok), max_tokens, stop, eos):
+                            outputs[slot.index] = clean_output(slot.out.decode("utf-8", errors="ignore"), stop)
+                            slot.index = -1
+                            if progress:
+                                progress(1)
         finally:
             for seq in range(1, self.n_slots + 1):
                 llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
         return outputs
 
-    def _take(self, ans: _Answer, tok: int, max_tokens: int, stop: Sequence[str], eos: set[int]) -> bool:
-        """Add the picked token to the answer; True when the answer is complete."""
+    def _start(self, slot: _Slot, index: int, token_lists: Sequence[list[int]]) -> None:
+        """Give the slot a prompt: keep the cells it shares with the slot's last one."""
+        import llama_cpp
+
+        tokens = token_lists[index]
+        keep = common_length(slot.cached, tokens[:-1])
+        llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1)
+        del slot.cached[keep:]
+        slot.index, slot.feed, slot.out, slot.n_out = index, list(tokens[keep:]), b"", 0
+
+    def _take(self, slot: _Slot, tok: int, max_tokens: int, stop: Sequence[str], eos: set[int]) -> bool:
+        """Add the picked token to the slot's answer; True when the answer is complete."""
         if tok in eos:
             return True
-        ans.out += self.llm.detokenize([tok])
-        ans.n_out += 1
-        if ans.n_out == max_tokens or any(s in ans.out.decode("utf-8", errors="ignore") for s in stop):
+        slot.out += self.llm.detokenize([tok])
+        slot.n_out += 1
+        if slot.n_out == max_tokens or any(s in slot.out.decode("utf-8", errors="ignore") for s in stop):
             return True
-        ans.pos += len(ans.feed)
-        ans.feed = [tok]
+        slot.feed.append(tok)
         return False
 
-    def _decode(self, active: dict[int, _Answer]) -> None:
-        """One llama_decode of every active slot's pending tokens, logits at each slot's last one."""
+    def _step(self, slots: list[_Slot]) -> np.ndarray:
+        """One llama_decode of the pending tokens of each slot (in sequence order); the argmax of
+        the logits at each slot's last one."""
         import llama_cpp
 
         b = self.batch.batch
         j = 0
-        for seq, ans in active.items():
-            for k, tok in enumerate(ans.feed):
-                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, ans.pos + k, 1, False
-                b.seq_id[j][0] = seq
+        for slot in slots:
+            for tok in slot.feed:
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, len(slot.cached), 1, False
+                b.seq_id[j][0] = slot.seq
+                slot.cached.append(tok)
                 j += 1
             b.logits[j - 1] = True
-            ans.row = j - 1
-        b.n_tokens = j
-        rc = llama_cpp.llama_decode(self.ctx.ctx, b)
-        if rc != 0:
-            raise KmmError(f"llama.cpp could not decode a batch of {j} tokens (code {rc})")
+            slot.feed.clear()
+        self._decode(j)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(len(slots), self.n_vocab))
+        return logits.argmax(axis=1)
 
-    def _load_prefix(self, prefix: list[int]) -> int:
+    def _decode(self, n_tokens: int) -> None:
+        import llama_cpp
+
+        self.batch.batch.n_tokens = n_tokens
+        rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        if rc != 0:
+            raise KmmError(f"llama.cpp could not decode a batch of {n_tokens} tokens (code {rc})")
+
+    def _load_prefix(self, prefix: list[int]) -> list[int]:
         """Make sequence 0 hold exactly `prefix` (keeping what it shares with the last one) and
-        share it with every slot."""
+        share it with every slot (exact: copy its stream into theirs)."""
         import llama_cpp
 
         mem = self.ctx.memory
-        keep = 0
-        while keep < min(len(prefix), len(self._prefix)) and prefix[keep] == self._prefix[keep]:
-            keep += 1
+        keep = common_length(prefix, self._prefix)
         llama_cpp.llama_memory_seq_rm(mem, PREFIX_SEQ, keep, -1)
         self._prefix = prefix[:keep]
-        if keep < len(prefix):
-            self._decode({PREFIX_SEQ: _Answer(-1, prefix[keep:], keep, 0)})
-            self._prefix = list(prefix)
+        b, size = self.batch.batch, self.batch._n_tokens
+        for start in range(keep, len(prefix), size):
+            part = prefix[start:start + size]
+            for j, tok in enumerate(part):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, start + j, 1, False
+                b.seq_id[j][0] = PREFIX_SEQ
+            self._decode(len(part))
+        self._prefix = list(prefix)
         for seq in range(1, self.n_slots + 1):
             llama_cpp.llama_memory_seq_cp(mem, PREFIX_SEQ, seq, -1, -1)
-        return len(prefix)
+        return self._prefix
