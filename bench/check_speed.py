@@ -6,13 +6,13 @@ projection; B is zero, as at initialisation, so answers stay the base's while ll
 computes every LoRA product: its cost is what matters here).
 Each condition answers the geonames test questions greedily (stop at newline, 16 tokens at most)
 with the plain create_completion loop and with kmm's generator at each `--parallel` setting
-(1 = one prompt at a time). On a shared machine load drifts within a minute, so the runs are
+(1 = one prompt at a time; N answers N at once in the fast mode, Ne in the exact mode). On a shared machine load drifts within a minute, so the runs are
 interleaved: every repeat walks the questions in chunks and runs each chunk with every runner,
 the order rotating chunk by chunk. Printed: the median over repeats of questions per second
 (wall), the ratio to the plain loop, and how many answers equal the plain loop's.
 
     python bench/check_speed.py [--models smollm2-135m-instruct,gemma-3-270m] [-n 300]
-        [--repeats 3] [--chunk 100] [--parallel 1,16]
+        [--repeats 3] [--chunk 100] [--parallel 1,8,8e]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def plain_loop(llm, rendered: list[str]) -> list[str]:
     return outs
 
 
-def runners(model: cards.Model, adapter: Path | None, parallels: list[int], threads: int):
+def runners(model: cards.Model, adapter: Path | None, parallels: list[str], threads: int):
     """Name -> answer(prompts) for the plain loop and kmm's generator at each parallel setting,
     and the objects to close afterwards."""
     from kmismatch_lite.backends.llamacpp import _quiet_llama
@@ -69,7 +69,8 @@ def runners(model: cards.Model, adapter: Path | None, parallels: list[int], thre
     out: dict[str, Callable] = {"plain": lambda chunk: plain_loop(plain, chunk)}
     opened = [plain]
     for p in parallels:
-        gen = LlamaCppGenerator(model, adapter=adapter, seed=0, threads=threads, parallel=p)
+        gen = LlamaCppGenerator(model, adapter=adapter, seed=0, threads=threads, parallel=int(p.rstrip("e")),
+                                exact=p.endswith("e"))
         out[f"kmm-p{p}"] = lambda chunk, gen=gen: gen.generate(chunk, max_tokens=prompts.MAX_TOKENS,
                                                                stop=prompts.STOP)
         opened.append(gen)
@@ -105,10 +106,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--chunk", type=int, default=100, help="questions per interleaved chunk")
-    ap.add_argument("--parallel", default="1,16", help="kmm generator settings to time (comma-separated)")
+    ap.add_argument("--parallel", default="1,8,8e",
+                    help="kmm generator settings to time (comma-separated; Ne: N at once, exact mode)")
     ap.add_argument("--forms", default="few-shot,zero-shot+lora")
     args = ap.parse_args()
-    parallels = [int(p) for p in args.parallel.split(",")]
+    parallels = args.parallel.split(",")
 
     qs = data.load("geonames", seed=0)
     questions = qs.test[: args.n]

@@ -73,6 +73,23 @@ def test_prefix_cache_gives_the_same_answers_as_fresh_prompts(student):
     assert cached == fresh
 
 
+def test_mlx_batched_answers_equal_one_at_a_time(student):
+    """parallel=N decodes with mlx-lm's BatchGenerator: answers ending at a stop string and one
+    running to the token cap, in prompt order, one progress tick each (32 of 32 equal measured
+    on 32 questions; this CPU runs it slowly, so the test is small)."""
+    from kmismatch_lite.backends.mlx import MlxGenerator
+
+    batch = _few_shot_prompts(4) + ["Count: 1, 2, 3, 4,"]
+    gen = MlxGenerator(student)
+    single = gen.generate(batch, max_tokens=8, stop=["\n"])
+    gen.close()
+    gen, done = MlxGenerator(student, parallel=3), []
+    batched = gen.generate(batch, max_tokens=8, stop=["\n"], progress=done.append)
+    gen.close()
+    assert batched == single and done == [1] * len(batch)
+    assert single[-1].startswith("5, 6, 7"), single            # counting on to the token cap
+
+
 def test_mlx_sampled_answers_are_reproducible_whatever_the_order(student):
     from kmismatch_lite.backends.mlx import MlxGenerator
     from kmismatch_lite.sampling import Sampling

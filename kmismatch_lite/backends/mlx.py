@@ -2,7 +2,9 @@
 
 The generator decodes greedily (or by kmismatch_lite.sampling's seeded temperature sampling, on
 the logits copied to numpy) with one KV cache kept across prompts, trimmed back to the longest
-token prefix shared with the next prompt, so a few-shot prefix is evaluated once.
+token prefix shared with the next prompt, so a few-shot prefix is evaluated once. With
+`parallel=N` (N > 1), greedy answers are decoded N at once by mlx-lm's BatchGenerator (prompts
+left-padded into one batch; each prompt's whole text is evaluated, no prefix is shared).
 The trainer is mlx-lm's LoRA (QLoRA on a quantized MLX model) with the torch trainer's
 tokenisation, batch plan and target-only loss, so both backends see the same data in the same
 order. mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
@@ -21,7 +23,7 @@ from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.sampling import GREEDY, Sampling
 
-OPTIONS = {"source": str}
+OPTIONS = {"source": str, "parallel": int}
 
 
 def adapter_folder(adapter: Path | None) -> Path | None:
@@ -42,12 +44,14 @@ class MlxGenerator:
     name = "mlx"
 
     def __init__(self, model: cards.Model, *, adapter: Path | None = None, seed: int = 0,
-                 source: str = "auto"):
+                 source: str = "auto", parallel: int = 1):
+        if parallel < 1:
+            raise KmmError(f"parallel must be at least 1 (got {parallel})")
         mlx_models.require_mlx()
         import mlx.core as mx
 
         mx.random.seed(seed)
-        self.model, self.seed, self.source = model, seed, source
+        self.model, self.seed, self.source, self.parallel = model, seed, source, parallel
         self.path = mlx_models.model_dir(model, source)
         self.adapter = adapter_folder(adapter)
         self.net, self.tokenizer = mlx_models.load(self.path, self.adapter)
@@ -61,7 +65,7 @@ class MlxGenerator:
         return {"backend": self.name, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
                 "device": str(mx.default_device()), "model": str(self.path), "source": self.source,
                 "quantized": mlx_models.quantized(self.path),
-                "adapter": str(self.adapter) if self.adapter else None}
+                "adapter": str(self.adapter) if self.adapter else None, "parallel": self.parallel}
 
     def close(self) -> None:
         self.net = self._cache = None
@@ -107,7 +111,39 @@ class MlxGenerator:
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str],
                  progress=None, sampling: Sampling = GREEDY) -> list[str]:
+        if self.parallel > 1 and sampling.greedy and prompts and max_tokens > 0:
+            return self._batched(prompts, max_tokens, stop, progress)
         return answer_each(self._complete, prompts, max_tokens, stop, progress, sampling)
+
+    def _batched(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str], progress) -> list[str]:
+        """Greedy answers decoded `parallel` at once by mlx-lm's BatchGenerator; an answer leaves
+        the batch at end of generation, a stop string or the token cap."""
+        import importlib
+
+        batching = importlib.import_module("mlx_lm.generate")
+        gen = batching.BatchGenerator(self.net, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+                                      completion_batch_size=self.parallel,
+                                      prefill_batch_size=min(8, self.parallel))
+        try:
+            uids = gen.insert([self.tokenizer.encode(p) for p in prompts], [max_tokens] * len(prompts))
+            tokens: dict[int, list[int]] = {u: [] for u in uids}
+            texts: dict[int, str] = dict.fromkeys(uids, "")
+            while responses := gen.next_generated():
+                ended = []
+                for r in responses:
+                    if r.finish_reason != "stop":          # "stop": an end-of-generation token
+                        tokens[r.uid].append(r.token)
+                        texts[r.uid] = self.tokenizer.decode(tokens[r.uid])
+                    hit = r.finish_reason is None and any(s in texts[r.uid] for s in stop)
+                    if hit:
+                        ended.append(r.uid)
+                    if (hit or r.finish_reason is not None) and progress:
+                        progress(1)
+                if ended:
+                    gen.remove(ended)
+        finally:
+            gen.close()
+        return [clean_output(texts[u], stop) for u in uids]
 
 
 def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequence[str], *,
