@@ -289,7 +289,7 @@ def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Pa
     rendered = [prompts.zero_shot(q) for q in trained + others]
     answers = {}
     for name, adapter in (("llamacpp_adapter", adapter_gguf), ("llamacpp_base", None)):
-        gen = LlamaCppGenerator(model, adapter=adapter)
+        gen = LlamaCppGenerator(model, adapter=adapter, parallel=1)   # llama.cpp's own one-at-a-time answers
         try:
             answers[name] = gen.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP)
         finally:

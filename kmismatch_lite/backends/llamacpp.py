@@ -1,7 +1,7 @@
-"""llama.cpp GGUF generation (llama-cpp-python), greedy or by seeded temperature sampling. By
-default one prompt at a time, keeping the KV cache of the prefix shared with the previous prompt;
-with `parallel=N` (N > 1), N greedy answers are decoded together (llamacpp_batch) after their
-shared prefix is evaluated once.
+"""llama.cpp GGUF generation (llama-cpp-python), greedy or by seeded temperature sampling. Greedy
+answers are decoded `parallel` at once (llamacpp_batch; 8 on the CPU by default) after their
+shared prefix is evaluated once; with `parallel=1`, one prompt at a time, keeping the KV cache of
+the prefix shared with the previous prompt, as a plain llama.cpp loop does.
 
 Tokens are picked from llama.cpp's logits by kmismatch_lite.sampling (argmax, or plain temperature
 sampling with no top-k/top-p/min-p and a random stream per prompt), not by llama.cpp's sampler
@@ -27,10 +27,13 @@ from kmismatch_lite.sampling import GREEDY, Sampling
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
            "exact": bool}
 
-# Answers decoded at once. One keeps every answer equal to a plain llama.cpp loop's; 16 at once
-# answered 1.1x (SmolLM2) to 1.7x (Gemma 3) faster on an idle 2-core CPU but changed 4-8% of the
-# greedy answers (bench/check_speed.py): near-ties flipped by another order of the attention sums.
-PARALLEL = 1
+# Greedy answers decoded at once on the CPU (llamacpp_batch's fast mode). Measured on an idle
+# 2-core CPU (bench/check_speed.py, 200 questions, 3-shot): 1.7x (SmolLM2) and 1.9x (Gemma 3) the
+# questions/s of a plain create_completion loop, with 4-5% of greedy answers changed (near-ties
+# flipped by other arithmetic orders). parallel=1 answers one at a time, as the plain loop does;
+# exact=True batches without changing SmolLM2's answers, at about 1.3x. With GPU offload answers
+# are decoded one at a time unless `parallel` is given: batching was measured on the CPU only.
+PARALLEL = 8
 
 # OpenMP's wait policy is left to the user: GNU OpenMP's default (spin briefly, then sleep) ran
 # 2.8x faster than OMP_WAIT_POLICY=passive on an idle 2-core machine (18.5 vs 6.6 q/s), while on a
@@ -54,8 +57,8 @@ class LlamaCppGenerator:
 
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
-                 lora_scale: float = 1.0, parallel: int = PARALLEL, exact: bool = False):
-        if parallel < 1:
+                 lora_scale: float = 1.0, parallel: int | None = None, exact: bool = False):
+        if parallel is not None and parallel < 1:
             raise KmmError(f"parallel must be at least 1 (got {parallel})")
         if adapter is not None:
             from kmismatch_lite.export_gguf import check_adapter
@@ -66,9 +69,11 @@ class LlamaCppGenerator:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise missing_extra("llama-cpp-python", "llamacpp") from None
-        self.model, self.adapter, self.seed, self.parallel, self.exact = model, adapter, seed, parallel, exact
         if n_gpu_layers is None:
             n_gpu_layers = -1 if _gpu_offload() else 0
+        if parallel is None:
+            parallel = PARALLEL if n_gpu_layers == 0 else 1
+        self.model, self.adapter, self.seed, self.parallel, self.exact = model, adapter, seed, parallel, exact
         threads = threads or max(1, (os.cpu_count() or 2))
         try:
             self.llm = _quiet_llama(
