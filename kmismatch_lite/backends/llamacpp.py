@@ -27,12 +27,13 @@ from kmismatch_lite.sampling import GREEDY, Sampling
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
            "exact": bool}
 
-# Greedy answers decoded at once on the CPU (llamacpp_batch's fast mode). Measured on an idle
-# 2-core CPU (bench/check_speed.py, 200 questions, 3-shot): 1.7x (SmolLM2) and 1.9x (Gemma 3) the
-# questions/s of a plain create_completion loop, with 4-5% of greedy answers changed (near-ties
-# flipped by other arithmetic orders). parallel=1 answers one at a time, as the plain loop does;
-# exact=True batches without changing SmolLM2's answers, at about 1.3x. With GPU offload answers
-# are decoded one at a time unless `parallel` is given: batching was measured on the CPU only.
+# Greedy answers decoded at once on the CPU (llamacpp_batch's fast mode). Measured on a 2-core
+# CPU (bench/check_speed.py, 200 questions, 3-shot): 1.84x (SmolLM2) and 1.93x (Gemma 3) the
+# questions/s of a plain create_completion loop, with 190-192 of 200 greedy answers equal (the
+# others near-ties flipped by other arithmetic orders). parallel=1 answers one at a time, as the
+# plain loop does; exact=True batches without changing SmolLM2's answers, at 1.38x. With GPU
+# offload answers are decoded one at a time unless `parallel` is given: batching was measured on
+# the CPU only.
 PARALLEL = 8
 
 # OpenMP's wait policy is left to the user: GNU OpenMP's default (spin briefly, then sleep) ran
