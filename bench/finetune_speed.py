@@ -1,14 +1,16 @@
-"""How fast does `kmm finetune` (torch backend) train, against its float32 path and a plain peft loop?
+"""How fast does `kmm finetune` (torch backend) train, against its earlier settings and a plain peft loop?
 
-Three ways fine-tune the same LoRA (same model, settings, seed and examples) for one epoch:
-`kmm finetune` as it is (bfloat16 matmuls, float32 LoRA), `kmm finetune` with
+Four ways fine-tune the same LoRA (same model, settings, seed and examples) for one epoch:
+`kmm finetune` as it is (bfloat16 matmuls, float32 LoRA, torch's fused attention), the same with
+plain matmul-softmax attention (`eager`, a candidate), `kmm finetune` with
 `compute = "float32"` (the exact path, as it was before bfloat16), and the loop a user would write
-from the peft docs (examples padded to `max_length`, shuffled, `model(..., labels=...).loss`).
+from the peft docs (transformers' default attention, examples padded to `max_length`, shuffled,
+`model(..., labels=...).loss`).
 Training tokens/s counts the real (non-padding) tokens divided by the training time (loading and
 the GGUF export are left out). The data are a quickstart fine-tuning set (`--data
 runs/quickstart/sets/self.jsonl`), or by default 400 built-in training questions with the gold
 answer on a seeded 30% and "I don't know" on the rest, as such a set looks. The machine may be
-shared and its load drifts, so the three alternate, in rotating order, in every repeat; process
+shared and its load drifts, so the four alternate, in rotating order, in every repeat; process
 CPU seconds per 1,000 tokens are reported too, as they move less with the load. Medians over
 repeats and their ratios are printed.
 
@@ -31,15 +33,16 @@ import peft
 import torch
 
 from kmismatch_lite import cards, data, prompts, scoring
+from kmismatch_lite.backends import torch_lora
 from kmismatch_lite.backends.torch_lora import load_base
 from kmismatch_lite.finetune import LoraSettings, finetune, read_examples
 
-SIDES = ["kmm bfloat16", "kmm float32", "plain peft"]
+SIDES = ["kmm bfloat16", "kmm bfloat16 eager", "kmm float32", "plain peft"]
 
 
 def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tuple[float, float, int]:
     """The baseline: pad to max_length, shuffle, HF loss. Returns (seconds, cpu seconds, real tokens)."""
-    lm, tok = load_base(model)
+    lm, tok = load_base(model, attention="sdpa")       # transformers' default attention
     torch.manual_seed(s.seed)
     lm = peft.get_peft_model(lm, peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
                                                  target_modules=s.target_modules, task_type="CAUSAL_LM"))
@@ -66,11 +69,17 @@ def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tup
     return time.perf_counter() - wall, time.process_time() - cpu, tokens
 
 
-def ours(name: str, examples: list[dict], s: LoraSettings) -> tuple[float, float, int, float]:
+def ours(name: str, examples: list[dict], s: LoraSettings, attention: str = torch_lora.ATTENTION
+         ) -> tuple[float, float, int, float]:
     """finetune() itself; the training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
+    default = torch_lora.ATTENTION
     with tempfile.TemporaryDirectory() as tmp:
         cpu0 = time.process_time()
-        res = finetune(name, examples, Path(tmp), settings=s)
+        torch_lora.ATTENTION = attention
+        try:
+            res = finetune(name, examples, Path(tmp), settings=s)
+        finally:
+            torch_lora.ATTENTION = default
         cpu = time.process_time() - cpu0
         info = json.loads((res.adapter_dir / "kmm_finetune.json").read_text())
     # The CPU time includes loading and export; scale it to the training share of the wall time.
@@ -90,7 +99,9 @@ def run_side(side: str, model: cards.Model, examples: list[dict], s: LoraSetting
         sec, cpu, tokens = plain_peft(model, examples, s)
         waste = 1 - tokens / (len(examples) * s.max_length)
     else:
-        sec, cpu, tokens, waste = ours(model.name, examples, replace(s, compute=side.split()[1]))
+        words = side.split()
+        sec, cpu, tokens, waste = ours(model.name, examples, replace(s, compute=words[1]),
+                                       *(["eager"] if words[-1] == "eager" else []))
     return tokens / sec, 1000 * cpu / tokens, waste
 
 
@@ -108,14 +119,14 @@ def main() -> None:
           f"max_length {s.max_length}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     runs: dict[str, list] = {side: [] for side in SIDES}
     for r in range(args.repeats):
-        for side in SIDES[r % 3:] + SIDES[:r % 3]:
+        for side in SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]:
             tps, cpu, waste = run_side(side, model, examples, s)
             runs[side].append((tps, cpu))
-            print(f"  repeat {r + 1} {side:13s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens  padding {waste:.0%}",
+            print(f"  repeat {r + 1} {side:17s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens  padding {waste:.0%}",
                   flush=True)
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in runs.items()}
     for k, (tps, cpu) in med.items():
-        print(f"median {k:13s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens")
+        print(f"median {k:17s} {tps:7.1f} tokens/s  {cpu:6.2f} cpu-s/1k tokens")
     new = med["kmm bfloat16"]
     for other in SIDES[1:]:
         print(f"ratio kmm bfloat16 / {other}: {new[0] / med[other][0]:.2f}x tokens/s, "
