@@ -121,6 +121,9 @@ class MlxGenerator:
         import importlib
 
         batching = importlib.import_module("mlx_lm.generate")
+        if not hasattr(batching, "BatchGenerator"):
+            raise KmmError("parallel answers need an mlx-lm with BatchGenerator (0.32 has it): "
+                           "pip install -U mlx-lm, or use parallel=1")
         gen = batching.BatchGenerator(self.net, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
                                       completion_batch_size=self.parallel,
                                       prefill_batch_size=min(8, self.parallel))
