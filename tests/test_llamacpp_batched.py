@@ -166,7 +166,8 @@ def test_slots_refill_when_answers_end_at_different_lengths(questions, exact):
 @pytest.mark.integration
 def test_context_grows_for_longer_prompts(questions):
     """The batch context is sized by the first call's prompts (256 cells a sequence here); a later
-    call with prompts too long for it gets a larger one, and the same answers as one at a time."""
+    call with prompts too long for it gets a larger one, and the same answers as one at a time.
+    The fast mode sizes its shared cache the same way, with the prefix counted once."""
     model = _model(STUDENT)
     qs, test = questions
     short = [prompts.zero_shot(q.question) for q in test[:6]]
@@ -177,12 +178,20 @@ def test_context_grows_for_longer_prompts(questions):
     gen = LlamaCppGenerator(model, parallel=4, exact=True)
     try:
         first = gen.generate(short, max_tokens=16, stop=prompts.STOP)
-        cells = gen._batched.per_seq
+        per_seq = gen._batched.n_cells // 5
         second = gen.generate(long, max_tokens=16, stop=prompts.STOP)
-        assert len(gen.llm.tokenize(long[0].encode())) > cells and gen._batched.per_seq > cells
+        assert len(gen.llm.tokenize(long[0].encode())) > per_seq and gen._batched.n_cells // 5 > per_seq
     finally:
         gen.close()
     assert first == _answers(model, short, parallel=1) and second == _answers(model, long, parallel=1)
+    fast = LlamaCppGenerator(model, parallel=4)
+    try:
+        assert len(fast.generate(short, max_tokens=16, stop=prompts.STOP)) == len(short)
+        cells = fast._batched.n_cells
+        assert len(fast.generate(long, max_tokens=16, stop=prompts.STOP)) == len(long)
+        assert fast._batched.n_cells > cells
+    finally:
+        fast.close()
 
 
 @pytest.mark.integration

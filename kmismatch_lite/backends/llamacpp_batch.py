@@ -35,7 +35,7 @@ from kmismatch_lite.errors import KmmError
 from kmismatch_lite.prompts import clean_output
 
 PREFIX_SEQ = 0
-CELL_BLOCK = 256          # cells per sequence: a multiple of this
+CELL_BLOCK = 256          # contexts hold a multiple of this many cells (exact: per sequence)
 
 
 @dataclass
@@ -80,24 +80,26 @@ class BatchDecoder:
         self.exact = exact
         self.n_vocab = llm.n_vocab()
         self.ctx = self.batch = None
-        self.per_seq = 0
+        self.n_cells = self.n_batch = 0
         self._prefix: list[int] = []
 
-    def _context(self, need: int) -> None:
-        """A context with `need` cells for each sequence (made anew when the present one is smaller)."""
+    def _context(self, n_cells: int, n_batch: int) -> None:
+        """A context of at least `n_cells` KV cells (exact: split evenly into the sequences'
+        streams) taking `n_batch` tokens a call; made anew when the present one is smaller."""
         from llama_cpp import _internals
         from llama_cpp._utils import suppress_stdout_stderr
 
-        if self.ctx is not None and need <= self.per_seq:
+        if self.ctx is not None and n_cells <= self.n_cells and n_batch <= self.n_batch:
             return
         self.close()
-        per_seq = -(-need // CELL_BLOCK) * CELL_BLOCK
         n_seq = self.n_slots + 1                  # the prefix sequence and the slots
+        block = CELL_BLOCK * (n_seq if self.exact else 1)
+        n_cells = -(-n_cells // block) * block
         # The one-at-a-time context's settings (flash attention off among them), resized.
         params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
-        params.n_ctx = per_seq * n_seq
-        params.n_batch = per_seq * self.n_slots
-        params.n_ubatch = min(512, params.n_batch)
+        params.n_ctx = n_cells
+        params.n_batch = n_batch
+        params.n_ubatch = min(512, n_batch)
         params.n_seq_max = n_seq
         params.kv_unified = not self.exact        # exact: a stream of cells per sequence
         params.swa_full = True                    # Gemma 3's sliding-window cache keeps every cell
@@ -108,8 +110,8 @@ class BatchDecoder:
                 ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
         except ValueError as exc:
             raise KmmError(f"llama.cpp could not make a context for {self.n_slots} parallel answers: {exc}") from None
-        self.ctx, self.per_seq, self._prefix = ctx, per_seq, []
-        self.batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.ctx, self.n_cells, self.n_batch, self._prefix = ctx, n_cells, n_batch, []
+        self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         if self.on_context is not None:
             self.on_context(ctx.ctx)
 
@@ -127,9 +129,16 @@ class BatchDecoder:
         outputs = [""] * len(token_lists)
         if not token_lists or max_tokens <= 0:
             return outputs
-        self._context(max(len(t) for t in token_lists) + max_tokens)
+        prefix = shared_prefix(token_lists)
+        longest = max(len(t) for t in token_lists) + max_tokens
+        if self.exact:      # every stream holds the prefix, the longest prompt's rest and an answer
+            per_seq = -(-longest // CELL_BLOCK) * CELL_BLOCK
+            self._context(per_seq * (self.n_slots + 1), per_seq * self.n_slots)
+        else:               # the prefix once; each slot's own cells after it, with room to spare
+            own = longest - len(prefix)
+            self._context(len(prefix) + 3 * self.n_slots * own // 2, self.n_slots * own)
         mem = self.ctx.memory
-        prefix = self._load_prefix(shared_prefix(token_lists))
+        prefix = self._load_prefix(prefix)
         waiting = deque(sorted(range(len(token_lists)), key=token_lists.__getitem__))
         slots = [_Slot(seq, list(prefix)) for seq in range(1, self.n_slots + 1)]
         try:
