@@ -69,13 +69,14 @@ def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tup
     return time.perf_counter() - wall, time.process_time() - cpu, tokens
 
 
-def ours(name: str, examples: list[dict], s: LoraSettings, attention: str = torch_lora.ATTENTION
+def ours(name: str, examples: list[dict], s: LoraSettings, attention: str | None = None
          ) -> tuple[float, float, int, float]:
-    """finetune() itself; the training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
+    """finetune() itself, loading the student with `attention` (default: the fine-tune's own); the
+    training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
     default = torch_lora.ATTENTION
     with tempfile.TemporaryDirectory() as tmp:
         cpu0 = time.process_time()
-        torch_lora.ATTENTION = attention
+        torch_lora.ATTENTION = attention or default
         try:
             res = finetune(name, examples, Path(tmp), settings=s)
         finally:
@@ -99,9 +100,9 @@ def run_side(side: str, model: cards.Model, examples: list[dict], s: LoraSetting
         sec, cpu, tokens = plain_peft(model, examples, s)
         waste = 1 - tokens / (len(examples) * s.max_length)
     else:
-        words = side.split()
+        words = side.split()            # "kmm <compute> [<attention>]"
         sec, cpu, tokens, waste = ours(model.name, examples, replace(s, compute=words[1]),
-                                       *(["eager"] if words[-1] == "eager" else []))
+                                       words[2] if len(words) > 2 else None)
     return tokens / sec, 1000 * cpu / tokens, waste
 
 

@@ -52,6 +52,15 @@ class Trainer(Protocol):
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]: ...
 
 
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def answer_each(complete: Callable[[str, int, Sequence[str], Sampling], str], prompts: Sequence[str],
                 max_tokens: int, stop: Sequence[str], progress: Progress | None = None,
                 sampling: Sampling = GREEDY) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kmismatch_lite.backends import answer_each
+from kmismatch_lite.backends import answer_each, common_length
 from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
@@ -111,10 +111,7 @@ class LlamaCppGenerator:
 
     def _eval_prompt(self, tokens: list[int]) -> None:
         # Keep the cached tokens shared with this prompt; evaluate only the rest.
-        keep = 0
-        limit = min(len(tokens) - 1, len(self._cached))
-        while keep < limit and tokens[keep] == self._cached[keep]:
-            keep += 1
+        keep = common_length(self._cached, tokens[:-1])
         self.llm.n_tokens = keep
         self.llm.eval(tokens[keep:])
         self._cached = list(tokens)

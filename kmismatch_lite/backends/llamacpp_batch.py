@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kmismatch_lite.backends import common_length
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.prompts import clean_output
 
@@ -53,21 +54,10 @@ class _Slot:
 def shared_prefix(token_lists: Sequence[Sequence[int]]) -> list[int]:
     """The longest token prefix of all lists, leaving at least one token of each to decode."""
     first = token_lists[0]
-    n = min(len(t) for t in token_lists) - 1
+    n = max(min(len(t) for t in token_lists) - 1, 0)
     for tokens in token_lists[1:]:
-        i = 0
-        while i < n and tokens[i] == first[i]:
-            i += 1
-        n = i
-    return list(first[:max(n, 0)])
-
-
-def common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+        n = common_length(first[:n], tokens)
+    return list(first[:n])
 
 
 class BatchDecoder:
@@ -138,7 +128,7 @@ class BatchDecoder:
             own = longest - len(prefix)
             self._context(len(prefix) + 3 * self.n_slots * own // 2, self.n_slots * own)
         mem = self.ctx.memory
-        prefix = self._load_prefix(prefix)
+        self._load_prefix(prefix)
         waiting = deque(sorted(range(len(token_lists)), key=token_lists.__getitem__))
         slots = [_Slot(seq, list(prefix)) for seq in range(1, self.n_slots + 1)]
         try:
@@ -217,7 +207,7 @@ class BatchDecoder:
         if rc != 0:
             raise KmmError(f"llama.cpp could not decode a batch of {n_tokens} tokens (code {rc})")
 
-    def _load_prefix(self, prefix: list[int]) -> list[int]:
+    def _load_prefix(self, prefix: list[int]) -> None:
         """Make sequence 0 hold exactly `prefix` (keeping what it shares with the last one) and
         share it with every slot (exact: copy its stream into theirs)."""
         import llama_cpp
@@ -236,4 +226,3 @@ class BatchDecoder:
         self._prefix = list(prefix)
         for seq in range(1, self.n_slots + 1):
             llama_cpp.llama_memory_seq_cp(mem, PREFIX_SEQ, seq, -1, -1)
-        return self._prefix

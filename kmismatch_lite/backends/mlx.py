@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmismatch_lite import cards, mlx_models
-from kmismatch_lite.backends import answer_each
+from kmismatch_lite.backends import answer_each, common_length
 from kmismatch_lite.prompts import clean_output
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.sampling import GREEDY, Sampling
@@ -75,10 +75,7 @@ class MlxGenerator:
         import mlx.core as mx
         from mlx_lm.models import cache as kv
 
-        keep = 0
-        limit = min(len(tokens) - 1, len(self._cached))
-        while keep < limit and tokens[keep] == self._cached[keep]:
-            keep += 1
+        keep = common_length(self._cached, tokens[:-1])
         drop = len(self._cached) - keep
         if not self._cache or (drop and kv.trim_prompt_cache(self._cache, drop) != drop):
             self._cache, keep = kv.make_prompt_cache(self.net), 0
