@@ -1,10 +1,11 @@
 """How fast does `kmm finetune` (torch backend) train, against its earlier settings and a plain peft loop?
 
 Four ways fine-tune the same LoRA (same model, settings, seed and examples) for one epoch:
-`kmm finetune` as it is (bfloat16 matmuls, float32 LoRA, torch's fused attention), the same with
-plain matmul-softmax attention (`eager`, a candidate), `kmm finetune` with
-`compute = "float32"` (the exact path, as it was before bfloat16), and the loop a user would write
-from the peft docs (transformers' default attention, examples padded to `max_length`, shuffled,
+`kmm finetune` as it is (the frozen model in bfloat16, float32 LoRA, plain matmul-softmax
+attention), `kmm finetune` as it was before (`compute = "mixed"`: autocast bfloat16 matmuls with a
+float32 residual stream, and torch's fused attention, `sdpa`), the exact path (`compute =
+"float32"`, `sdpa`, as before any bfloat16), and the loop a user would write from the peft docs
+(transformers' default attention, examples padded to `max_length`, shuffled,
 `model(..., labels=...).loss`).
 Training tokens/s counts the real (non-padding) tokens divided by the training time (loading and
 the GGUF export are left out). The data are a quickstart fine-tuning set (`--data
@@ -37,7 +38,7 @@ from kmismatch_lite.backends import torch_lora
 from kmismatch_lite.backends.torch_lora import load_base
 from kmismatch_lite.finetune import LoraSettings, finetune, read_examples
 
-SIDES = ["kmm bfloat16", "kmm bfloat16 eager", "kmm float32", "plain peft"]
+SIDES = ["kmm bfloat16", "kmm mixed sdpa", "kmm float32 sdpa", "plain peft"]
 
 
 def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tuple[float, float, int]:

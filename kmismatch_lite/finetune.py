@@ -24,7 +24,7 @@ from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import write_json, write_jsonl
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COMPUTE = ("bfloat16", "float32")
+COMPUTE = ("bfloat16", "mixed", "float32")
 SCHEDULES = ("constant", "linear")
 
 
@@ -41,9 +41,10 @@ class LoraSettings:
     batch_size: int = 8
     max_length: int = 64
     seed: int = 0
-    # Matmuls in bfloat16 (the LoRA weights, their gradients and the optimizer stay float32):
-    # 1.36x less CPU per token on a 2-core AVX512-BF16 CPU (bench/finetune_speed.py), the
-    # exported adapter as faithful (--verify); "float32" is the exact path.
+    # The frozen model in bfloat16 (the LoRA weights, their gradients and the optimizer stay
+    # float32): on a 2-core AVX512-BF16 CPU the fastest of the three (bench/finetune_speed.py),
+    # the exported adapter as faithful (--verify); "mixed" keeps a float32 residual stream and
+    # runs only the matmuls in bfloat16; "float32" is the exact path.
     compute: str = "bfloat16"
     # A seeded share of the examples held out: the dev loss after each epoch picks the epoch whose
     # LoRA is kept, and `patience` epochs in a row without a lower dev loss stop training (0: never).

@@ -150,7 +150,7 @@ def test_lora_arrays_are_hf_names_with_a_and_b_shapes():
     assert a.shape == (4, 64) and b.shape == (32, 4) and a.dtype == np.float32
 
 
-def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
+def test_every_compute_keeps_lora_float32_and_the_loss_close():
     import peft
     import torch
 
@@ -159,24 +159,28 @@ def test_bfloat16_compute_keeps_lora_float32_and_the_loss_close():
     enc, _ = lora_data.encode(CharTokenizer(), [{"question": "ab?", "target": "cd"}, {"question": "a longer one?", "target": "e"}], 64)
     batch = lora_data.collate(enc, pad_id=0)
     losses = {}
-    for compute in ("float32", "bfloat16"):
+    for compute in ("float32", "mixed", "bfloat16"):
         model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
         used, autocast = compute_dtype(model, compute, "cpu")
         with autocast():
             loss = lora_data.target_loss(model.get_base_model(), batch)
         loss.backward()
         assert used == compute
-        base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
-        assert base.dtype == getattr(torch, compute)
+        causal_lm = model.get_base_model()
+        base = causal_lm.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert base.dtype == (torch.float32 if compute == "float32" else torch.bfloat16)
+        norm = causal_lm.model.norm.weight                  # frozen, outside the projections
+        assert norm.dtype == (torch.bfloat16 if compute == "bfloat16" else torch.float32)
         lora = [p for p in model.parameters() if p.requires_grad]
         assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
         losses[compute] = loss.item()
+    assert losses["mixed"] == pytest.approx(losses["float32"], rel=0.02)
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
     assert compute_dtype(model, "bfloat16", "cuda")[0] == "as loaded"  # the loader chose the dtype there
 
 
-@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-def test_training_lowers_the_loss_in_either_compute(compute):
+@pytest.mark.parametrize("compute", ["float32", "mixed", "bfloat16"])
+def test_training_lowers_the_loss_in_every_compute(compute):
     """The optimizer's updates reach the forward pass (a bfloat16 copy of the LoRA weights cached
     across steps would leave the loss where it started)."""
     import peft
@@ -204,7 +208,7 @@ def test_threads_follow_omp_num_threads_else_the_usable_cores(monkeypatch):
 
 def test_compute_setting_is_checked():
     assert LoraSettings().compute == "bfloat16"
-    with pytest.raises(KmmError, match="'compute' is out of range: 'float16' \\(one of bfloat16, float32\\)"):
+    with pytest.raises(KmmError, match="'compute' is out of range: 'float16' \\(one of bfloat16, mixed, float32\\)"):
         LoraSettings.from_dict({"compute": "float16"})
 
 

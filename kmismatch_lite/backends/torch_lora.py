@@ -29,11 +29,10 @@ from kmismatch_lite.finetune import epoch_dir
 from kmismatch_lite.hf_from_gguf import hf_folder
 
 
-# The attention the fine-tune loads the student with: transformers' default, torch's fused
-# attention. "eager" (plain matmul and softmax) trained 1.08x faster in bench/finetune_speed.py
-# on a 2-core CPU (258 vs 239 tokens/s, 1.09x less CPU per token); the fused backward pass took
-# 13% of a training step there.
-ATTENTION = "sdpa"
+# The attention the fine-tune loads the student with: plain matmul and softmax ("eager"). On a
+# 2-core CPU torch's fused attention ("sdpa", transformers' default) trained slower in
+# bench/finetune_speed.py: its backward pass took 13% of a step on these short sequences.
+ATTENTION = "eager"
 
 
 def load_base(model: Model, attention: str | None = None):
@@ -179,22 +178,33 @@ class DevCheck:
 
 def compute_dtype(model, compute: str, device: str) -> tuple[str, Callable]:
     """Prepare `model` for `compute`: (what is used, a context each forward pass runs in). On the
-    CPU, "bfloat16" runs the matmuls in bfloat16; on other devices the loader chose ("as loaded").
+    CPU the LoRA weights, their gradients and the optimizer state stay float32 in every mode:
 
-    The frozen base projections are cast to bfloat16 once (autocast would cast them again at every
-    call); the LoRA weights stay float32, so their gradients and the optimizer state do too.
-    Autocast is entered per forward pass: one region around all steps would keep reusing its first
-    bfloat16 copy of the LoRA weights (its cast cache lives as long as the region), and not learn.
+    - "bfloat16": every frozen weight (embeddings, norms, projections) is cast to bfloat16 once,
+      so the model computes in bfloat16 throughout; peft runs each LoRA product in float32 and
+      adds it to the bfloat16 output of its projection.
+    - "mixed": the frozen projections in bfloat16, everything else float32, and each forward pass
+      under autocast, which runs the matmuls in bfloat16 and keeps the residual stream float32.
+      Autocast is entered per forward pass: one region around all steps would keep reusing its
+      first bfloat16 copy of the LoRA weights (its cast cache lives as long as the region).
+    - "float32": the exact path.
+
+    On other devices the loader chose ("as loaded").
     """
     if device != "cpu":
         return "as loaded", nullcontext
-    if compute != "bfloat16":
+    if compute == "bfloat16":
+        for param in model.parameters():
+            if not param.requires_grad and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
+        return "bfloat16", nullcontext
+    if compute != "mixed":
         return "float32", nullcontext
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32:
             base.weight.data = base.weight.data.to(torch.bfloat16)
-    return "bfloat16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return "mixed", lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: DevCheck | None = None,
