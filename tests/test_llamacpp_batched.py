@@ -5,10 +5,10 @@ In exact mode (a KV stream per sequence, a new prompt's rest decoded in one call
 one per sequence) SmolLM2's greedy answers equal the one-at-a-time ones on all 200 questions: the
 batching itself (positions, masks, the shared prefix, slots refilled and reused) adds nothing.
 Gemma 3's do not quite (195 of 200 measured), and the cause lies outside the batching: asking
-Gemma the same 300 questions one at a time in another order (which changes how prompt tokens are
-grouped into calls, and nothing else) changed 6 of its one-at-a-time answers (4 with llama.cpp's
-repacked weights). Likely its Q5_0 and Q8_0 matmuls, which llama.cpp may run on other kernels for
-one row than for several; not traced further.
+Gemma the same 300 questions one at a time in another order (which changes which earlier prompt
+each one follows, and nothing else) changed 2-6 of its one-at-a-time answers (4 with llama.cpp's
+repacked weights). Not traced further; it is neither how a prompt's tokens are split into calls
+nor the reuse of the previous prompt's cells, which both leave the logits bit for bit unchanged.
 
 The fast mode (one cache shared by all sequences, every slot's pending tokens in one call) also
 adds the same attention terms in another order: 192 of 200 equal for SmolLM2 and 191 for Gemma 3
