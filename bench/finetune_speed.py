@@ -34,7 +34,6 @@ import peft
 import torch
 
 from kmismatch_lite import cards, data, prompts, scoring
-from kmismatch_lite.backends import torch_lora
 from kmismatch_lite.backends.torch_lora import load_base
 from kmismatch_lite.finetune import LoraSettings, finetune, read_examples
 
@@ -70,18 +69,11 @@ def plain_peft(model: cards.Model, examples: list[dict], s: LoraSettings) -> tup
     return time.perf_counter() - wall, time.process_time() - cpu, tokens
 
 
-def ours(name: str, examples: list[dict], s: LoraSettings, attention: str | None = None
-         ) -> tuple[float, float, int, float]:
-    """finetune() itself, loading the student with `attention` (default: the fine-tune's own); the
-    training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
-    default = torch_lora.ATTENTION
+def ours(name: str, examples: list[dict], s: LoraSettings) -> tuple[float, float, int, float]:
+    """finetune() itself; the training time is what it reports. Returns (seconds, cpu, tokens, waste)."""
     with tempfile.TemporaryDirectory() as tmp:
         cpu0 = time.process_time()
-        torch_lora.ATTENTION = attention or default
-        try:
-            res = finetune(name, examples, Path(tmp), settings=s)
-        finally:
-            torch_lora.ATTENTION = default
+        res = finetune(name, examples, Path(tmp), settings=s)
         cpu = time.process_time() - cpu0
         info = json.loads((res.adapter_dir / "kmm_finetune.json").read_text())
     # The CPU time includes loading and export; scale it to the training share of the wall time.
@@ -102,8 +94,8 @@ def run_side(side: str, model: cards.Model, examples: list[dict], s: LoraSetting
         waste = 1 - tokens / (len(examples) * s.max_length)
     else:
         words = side.split()            # "kmm <compute> [<attention>]"
-        sec, cpu, tokens, waste = ours(model.name, examples, replace(s, compute=words[1]),
-                                       words[2] if len(words) > 2 else None)
+        sec, cpu, tokens, waste = ours(model.name, examples,
+                                       replace(s, compute=words[1], attention=words[2] if len(words) > 2 else s.attention))
     return tokens / sec, 1000 * cpu / tokens, waste
 
 

@@ -25,6 +25,7 @@ from kmismatch_lite.io import write_json, write_jsonl
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COMPUTE = ("bfloat16", "mixed", "float32")
+ATTENTION = ("eager", "sdpa")
 SCHEDULES = ("constant", "linear")
 
 
@@ -46,6 +47,9 @@ class LoraSettings:
     # the exported adapter as faithful (--verify); "mixed" keeps a float32 residual stream and
     # runs only the matmuls in bfloat16; "float32" is the exact path.
     compute: str = "bfloat16"
+    # The torch backend's attention: plain matmul and softmax, or torch's fused kernel ("sdpa",
+    # transformers' default), whose backward pass is the slower on these short sequences on a CPU.
+    attention: str = "eager"
     # A seeded share of the examples held out: the dev loss after each epoch picks the epoch whose
     # LoRA is kept, and `patience` epochs in a row without a lower dev loss stop training (0: never).
     dev_fraction: float = 0.0
@@ -80,11 +84,12 @@ class LoraSettings:
                ("learning_rate", self.learning_rate > 0), ("epochs", self.epochs >= 1),
                ("batch_size", self.batch_size >= 1), ("max_length", self.max_length >= 8),
                ("target_modules", bool(self.target_modules)), ("compute", self.compute in COMPUTE),
+               ("attention", self.attention in ATTENTION),
                ("dev_fraction", 0 <= self.dev_fraction <= 0.5), ("patience", self.patience >= 0),
                ("lr_schedule", self.lr_schedule in SCHEDULES)]
         for key, ok in bad:
             if not ok:
-                choices = {"compute": COMPUTE, "lr_schedule": SCHEDULES}.get(key)
+                choices = {"compute": COMPUTE, "attention": ATTENTION, "lr_schedule": SCHEDULES}.get(key)
                 choices = f" (one of {', '.join(choices)})" if choices else ""
                 raise KmmError(f"fine-tune setting '{key}' is out of range: {getattr(self, key)!r}{choices}")
 

@@ -212,6 +212,26 @@ def test_compute_setting_is_checked():
         LoraSettings.from_dict({"compute": "float16"})
 
 
+def test_attention_setting_is_checked_and_reaches_the_loaded_model(monkeypatch, tmp_path):
+    from kmismatch_lite.backends import torch_lora
+
+    assert LoraSettings().attention == "eager"
+    with pytest.raises(KmmError, match="'attention' is out of range: 'flash' \\(one of eager, sdpa\\)"):
+        LoraSettings.from_dict({"attention": "flash"})
+    asked = []
+
+    def load_base(model, attention="sdpa"):
+        asked.append(attention)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(torch_lora, "load_base", load_base)
+    for attention in ("sdpa", "eager"):
+        trainer = torch_lora.TorchTrainer(None, LoraSettings(attention=attention))
+        with pytest.raises(RuntimeError, match="stop after loading"):
+            trainer.train([], tmp_path)
+    assert asked == ["sdpa", "eager"]
+
+
 def test_dev_split_is_seeded_disjoint_and_sized():
     train, dev = lora_data.dev_split(50, 0.1, seed=3)
     assert (train, dev) == lora_data.dev_split(50, 0.1, seed=3)

@@ -29,21 +29,15 @@ from kmismatch_lite.finetune import epoch_dir
 from kmismatch_lite.hf_from_gguf import hf_folder
 
 
-# The attention the fine-tune loads the student with: plain matmul and softmax ("eager"). On a
-# 2-core CPU torch's fused attention ("sdpa", transformers' default) trained slower in
-# bench/finetune_speed.py: its backward pass took 13% of a step on these short sequences.
-ATTENTION = "eager"
-
-
-def load_base(model: Model, attention: str | None = None):
-    """(causal LM in float32, tokenizer) from the student's GGUF, with all CPU cores in use
-    (OMP_NUM_THREADS, where set, says how many)."""
+def load_base(model: Model, attention: str = "sdpa"):
+    """(causal LM in float32 with `attention`, tokenizer) from the student's GGUF, with all CPU
+    cores in use (OMP_NUM_THREADS, where set, says how many)."""
     torch.set_num_threads(threads())
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one on stderr
     folder = hf_folder(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                              attn_implementation=attention or ATTENTION)
+                                              attn_implementation=attention)
     return lm, tokenizer
 
 
@@ -65,7 +59,7 @@ class TorchTrainer:
 
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:
         s = self.settings
-        lm, tokenizer = load_base(self.model)
+        lm, tokenizer = load_base(self.model, attention=s.attention)
         torch.manual_seed(s.seed)
         config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
                                  target_modules=list(s.target_modules), task_type="CAUSAL_LM")
