@@ -7,8 +7,9 @@ batching itself (positions, masks, the shared prefix, slots refilled and reused)
 Gemma 3's do not quite (195 of 200 measured), and the cause lies outside the batching: asking
 Gemma the same 300 questions one at a time in another order (which changes which earlier prompt
 each one follows, and nothing else) changed 2-6 of its one-at-a-time answers (4 with llama.cpp's
-repacked weights). Not traced further; it is neither how a prompt's tokens are split into calls
-nor the reuse of the previous prompt's cells, which both leave the logits bit for bit unchanged.
+repacked weights). Its K-quant tensors (Q4_K, Q6_K) are the cause: their matmuls' results depend on
+how many rows a call holds, so a reused cell differs a little from one computed afresh (Gemma
+requantized to Q4_1, Q5_0 or Q8_0 in every layer reuses cells bit for bit, as SmolLM2 does).
 
 The fast mode (one cache shared by all sequences, every slot's pending tokens in one call) also
 adds the same attention terms in another order: 192 of 200 equal for SmolLM2 and 191 for Gemma 3

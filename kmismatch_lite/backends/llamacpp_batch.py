@@ -20,8 +20,9 @@ Two layouts of the KV cache:
   stream, and each call decodes slots with as many pending tokens: a new prompt's rest in one call,
   answer tokens one per sequence, as the one-at-a-time path does. Attention then runs the same
   sums, and SmolLM2's greedy answers equal the one-at-a-time ones; Gemma 3's differ on a few
-  near-ties, as its one-at-a-time answers do when only the order of the questions changes (cause
-  not traced). It makes more, smaller calls (llama.cpp splits a call whose sequences have unequal
+  near-ties, as its one-at-a-time answers do when only the order of the questions changes: its
+  K-quant matmuls (Q4_K, Q6_K) round differently with the number of rows in a call, so a cell
+  computed with another prompt differs in its last bits. It makes more, smaller calls (llama.cpp splits a call whose sequences have unequal
   token counts into several), so it is slower.
 """
 
