@@ -179,9 +179,10 @@ def test_context_grows_for_longer_prompts(questions):
     gen = LlamaCppGenerator(model, parallel=4, exact=True)
     try:
         first = gen.generate(short, max_tokens=16, stop=prompts.STOP)
-        per_seq = gen._batched.n_cells // 5
+        streams = gen._batched.n_slots + 1          # the prefix's and each slot's
+        per_seq = gen._batched.n_cells // streams
         second = gen.generate(long, max_tokens=16, stop=prompts.STOP)
-        assert len(gen.llm.tokenize(long[0].encode())) > per_seq and gen._batched.n_cells // 5 > per_seq
+        assert len(gen.llm.tokenize(long[0].encode())) > per_seq and gen._batched.n_cells // streams > per_seq
     finally:
         gen.close()
     assert first == _answers(model, short, parallel=1) and second == _answers(model, long, parallel=1)

@@ -12,9 +12,9 @@ Two layouts of the KV cache:
 - fast (the default): one cache shared by all sequences; a step decodes, in one `llama_decode`,
   every busy slot's pending tokens (a new prompt's rest, or the last token picked for an answer).
   A sequence's cells then lie among other sequences' cells, so attention adds the same terms in
-  another order, and with llama.cpp's repacked weights its matmuls see other row counts than the
-  one-at-a-time path's (whose answer tokens are decoded alone, on other kernels). The last bits
-  of the logits change, and a near-tie between two tokens flips now and then
+  another order, and its matmuls see other row counts than the one-at-a-time path's (whose
+  answer tokens are decoded alone), which changes the rounding of K-quant and repacked weight
+  kernels. The last bits of the logits change, and a near-tie between two tokens flips now and then
   (bench/check_speed.py counts them).
 - exact: a KV stream per sequence (llama.cpp's non-unified cache), the prefix copied into each
   stream, and each call decodes slots with as many pending tokens: a new prompt's rest in one call,
@@ -22,8 +22,8 @@ Two layouts of the KV cache:
   sums, and SmolLM2's greedy answers equal the one-at-a-time ones; Gemma 3's differ on a few
   near-ties, as its one-at-a-time answers do when only the order of the questions changes: its
   K-quant matmuls (Q4_K, Q6_K) round differently with the number of rows in a call, so a cell
-  computed with another prompt differs in its last bits. It makes more, smaller calls (llama.cpp splits a call whose sequences have unequal
-  token counts into several), so it is slower.
+  computed with another prompt differs in its last bits. It makes more, smaller calls (llama.cpp
+  splits a call whose sequences have unequal token counts into several), so it is slower.
 """
 
 from __future__ import annotations
