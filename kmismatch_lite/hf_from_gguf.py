@@ -36,7 +36,8 @@ def hf_folder(model: Model) -> Path:
         return folder
     with atomic_dir(folder) as tmp:
         _convert(model.gguf_path, tmp)
-        (tmp / DONE).write_text(json.dumps({"gguf": str(model.gguf_path), "sha256": digest}, indent=2) + "\n")
+        (tmp / DONE).write_text(json.dumps({"gguf": str(model.gguf_path), "sha256": digest}, indent=2) + "\n",
+                                encoding="utf-8")
     return folder
 
 

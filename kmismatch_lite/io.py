@@ -109,26 +109,30 @@ def run_lock(folder: str | Path, log: Callable[[str], None] = print) -> Iterator
     """Hold an exclusive lock on `folder` (created if needed) for the block, waiting for another
     process that holds it; then clear the temporary leftovers of killed runs.
 
-    The lock is flock on `folder/.lock`: the kernel releases it when its process dies, so a killed
-    run never leaves a stale lock behind."""
-    import fcntl
+    The lock is `filelock` on `folder/.lock` (flock on Linux and macOS, LockFileEx on Windows):
+    the system releases it when its process dies, so a killed run never leaves a stale lock
+    behind. The holder's pid is in `folder/.lock.pid`, for the message a waiting run prints."""
+    from filelock import FileLock, Timeout
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = FileLock(str(folder / ".lock"))
     try:
+        lock.acquire(timeout=0)
+    except Timeout:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            log(f"{folder} is in use by another run (pid {holder}); waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            holder = (folder / ".lock.pid").read_text(encoding="utf-8").strip() or "?"
+        except OSError:
+            holder = "?"
+        log(f"{folder} is in use by another run (pid {holder}); waiting for it to finish")
+        lock.acquire()
+    try:
+        with open(folder / ".lock.pid", "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()}\n")
         remove_temps(folder)
         yield folder
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -151,7 +151,7 @@ def convert_folder(hf_dir: Path, dest: Path, gguf_path: Path | None = None) -> P
     import mlx.core as mx
     from mlx_lm.utils import load_model, load_tokenizer, quantize_model, save
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    config = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
     model, config = load_model(Path(hf_dir), lazy=True, model_config=mlx_config_overrides(config))
     config = {k: v for k, v in config.items() if not (k == "quantization_config" and v is None)}
     config.pop("rope_parameters", None) if "rope_theta" in config else None
@@ -170,7 +170,7 @@ def convert_folder(hf_dir: Path, dest: Path, gguf_path: Path | None = None) -> P
         (tmp / "README.md").unlink(missing_ok=True)
         source = {"hf_dir": str(hf_dir), "gguf": str(gguf_path) if gguf_path else None,
                   "gguf_blocks": bool(layout)}
-        (tmp / "kmm_source.json").write_text(json.dumps(source) + "\n")
+        (tmp / "kmm_source.json").write_text(json.dumps(source) + "\n", encoding="utf-8")
     return dest
 
 
@@ -209,7 +209,7 @@ def load(path: Path, adapter: Path | None = None):
 
 def quantized(path: Path) -> bool:
     """Whether the MLX folder holds a quantized model (fine-tuning it is QLoRA)."""
-    return "quantization" in json.loads((Path(path) / "config.json").read_text())
+    return "quantization" in json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
 
 
 # LoRA pieces for the MLX trainer.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import time
 from pathlib import Path
 
 from kmismatch_lite import report_designs, scoring, stats
@@ -16,6 +19,8 @@ LABELS = {
     "base_teacher": "teacher, not fine-tuned",
 }
 ALPHA = 0.05
+# report.html of a many-seed run reloads itself, for a screen that watches seeds arrive.
+REFRESH_SECONDS = 10
 
 
 def tally_of(metrics: dict) -> dict:
@@ -165,7 +170,7 @@ def load(run_dir: Path) -> dict:
     if not path.is_file():
         raise KmmError(f"no results.json in {run_dir} (is it a finished run folder?)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise KmmError(f"{path} is not valid JSON") from None
 
@@ -199,9 +204,10 @@ def point_label(point: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "all cells"
 
 
-def pooled_results(out: Path, the_plan, cell_results: list[dict]) -> dict:
+def pooled_results(out: Path, the_plan, cell_results: list[dict], machines: dict | None = None) -> dict:
     """results.json of a many-cell run: every cell's results, and per grid point the
-    teacher-vs-self comparison pooled over its seeds (the seed a random effect)."""
+    teacher-vs-self comparison pooled over its seeds (the seed a random effect); `machines`
+    (by seed) when the seeds were pooled from hand-ins."""
     cells = [{"seed": c.seed, "point": c.point, "folder": c.folder, **r}
              for c, r in zip(the_plan.cells, cell_results)]
     points = []
@@ -215,7 +221,28 @@ def pooled_results(out: Path, the_plan, cell_results: list[dict]) -> dict:
     first = cells[0]
     return {"recipe": first["recipe"], "student": first["student"], "teacher": first["teacher"],
             "dataset": first["dataset"], "seeds": the_plan.seeds, "sweep": the_plan.grid,
-            "statement": first["hypothesis"]["statement"], "points": points, "cells": cells}
+            "statement": first["hypothesis"]["statement"], "points": points, "cells": cells,
+            **({"machines": {str(k): v for k, v in machines.items()}} if machines else {})}
+
+
+def machine_key(m: dict) -> tuple:
+    return (m.get("platform"), m.get("machine"), m.get("cpu"), m.get("cpus"))
+
+
+def machines_text(res: dict) -> str:
+    """For seeds pooled from hand-ins: whether they ran on one machine or several."""
+    machines = res.get("machines") or {}
+    distinct = {machine_key(m) for m in machines.values()}
+    if not machines:
+        return ""
+    label = next(iter(machines.values()))["label"]
+    if len(machines) == 1:
+        return f"The seed ran on {label}."
+    if len(distinct) == 1:
+        return f"All {len(machines)} seeds ran on one machine ({label})."
+    return (f"These {len(machines)} seeds ran on {len(distinct)} different machines: a seed's counts can "
+            f"differ between machines on near-tie answers and with the core count, so the pooled sign and "
+            f"size is what reproduces, not one seed's counts.")
 
 
 def _conclusion(pooled: dict | None) -> str | None:
@@ -292,9 +319,14 @@ def pooled_markdown(res: dict) -> str:
     lead = "\n\n".join(f"- **{point_label(e['point'])}**: {pooled_text(res, e)}" if res["sweep"]
                        else pooled_text(res, e) for e in res["points"])
     sections = []
+    machines = res.get("machines") or {}
+    columns = SEED_COLUMNS + (["machine"] if machines else [])
     for e in res["points"]:
         rows = seed_rows(res, e["point"])
-        table = (f"| {' | '.join(SEED_COLUMNS)} |\n|{'---|' * len(SEED_COLUMNS)}\n"
+        if machines:
+            at = [c for c in res["cells"] if c["point"] == e["point"]]
+            rows = [r + [machines[str(at[i]["seed"])]["label"] if i < len(at) else ""] for i, r in enumerate(rows)]
+        table = (f"| {' | '.join(columns)} |\n|{'---|' * len(columns)}\n"
                  + "".join(f"| {' | '.join(map(str, r))} |\n" for r in rows))
         extra = heterogeneity_text(e["pooled"]) if e["pooled"] else ""
         title = point_label(e["point"]) if res["sweep"] else "Seeds"
@@ -309,7 +341,7 @@ Hypothesis: {res['statement']}.
 ## Result
 
 {lead}
-
+{(chr(10) + machines_text(res) + chr(10)) if machines else ""}
 {''.join(sections)}{report_designs.image_links(res['points'][0])}
 ![each seed's difference in wrong-answer rate with its interval, and the pooled one](forest.png)
 
@@ -376,11 +408,55 @@ def _forest_rows(res: dict) -> list[tuple[str, float, float, float, bool]]:
     return rows
 
 
-def write_pooled(out: Path, the_plan, cell_results: list[dict]) -> dict:
+def write_pooled(out: Path, the_plan, cell_results: list[dict], machines: dict | None = None) -> dict:
     """results.json, report.md and forest.png of a many-cell run; returns the results."""
-    res = pooled_results(out, the_plan, cell_results)
+    res = pooled_results(out, the_plan, cell_results, machines)
     forest(res, out / "forest.png")
     report_designs.figures([(point_label(e["point"]) if res["sweep"] else "", e) for e in res["points"]], res, out)
     write_text(out / "report.md", pooled_markdown(res))
+    write_html(out / "report.html", res)
     write_json(out / "results.json", res)
     return res
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def write_html(path: Path, res: dict) -> None:
+    """report.html: the pooled sentence, the seed table and the forest plot in one self-contained
+    page that reloads itself every REFRESH_SECONDS (a screen watching `kmm pool --watch`)."""
+    forest_png = path.parent / "forest.png"
+    img = (f'<img alt="forest plot" src="data:image/png;base64,{base64.b64encode(forest_png.read_bytes()).decode()}">'
+           if forest_png.is_file() else "")
+    machines = res.get("machines") or {}
+    columns = SEED_COLUMNS + (["machine"] if machines else [])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    sections = ""
+    for entry in res["points"]:
+        at = [c for c in res["cells"] if c["point"] == entry["point"]]
+        rows = ""
+        for i, r in enumerate(seed_rows(res, entry["point"])):
+            if machines:
+                r = r + [machines[str(at[i]["seed"])]["label"] if i < len(at) else ""]
+            rows += "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>\n"
+        title = f"<h2>{html.escape(point_label(entry['point']))}</h2>" if res["sweep"] else ""
+        extra = heterogeneity_text(entry["pooled"]) if entry["pooled"] else ""
+        sections += (f"{title}<p><strong>{html.escape(pooled_text(res, entry))}</strong></p>\n"
+                     f"<p>{html.escape(extra)}</p>\n<table><tr>{head}</tr>\n{rows}</table>\n")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
+<title>kmm: {_seeds(len(res['seeds']))} pooled</title>
+<style>body{{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;font-size:90%;margin:1em 0}}
+td,th{{border-bottom:1px solid #ccc;padding:.2em .6em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>Knowledge mismatch: {_seeds(len(res['seeds']))} pooled</h1>
+<p>{html.escape(res['student'])} (student), {html.escape(res['teacher'])} (teacher), data set
+{html.escape(res['dataset'])}. Hypothesis: {html.escape(res['statement'])}.</p>
+<p>{html.escape(machines_text(res))}</p>
+{sections}{img}
+<p><small>Updated {time.strftime('%Y-%m-%d %H:%M:%S')}; this page reloads every {REFRESH_SECONDS} s.</small></p>
+</body></html>
+"""
+    write_text(path, page)

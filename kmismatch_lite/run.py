@@ -21,11 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kmismatch_lite import categories, cards, check, data, dose, plan as planning, prompts, recipes, scoring
+from kmismatch_lite import (categories, cards, check, data, dose, handin, plan as planning, prompts, recipes,
+                            scoring)
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
-                               write_jsonl)
+                               write_jsonl, write_text)
 from kmismatch_lite.sampling import GREEDY, Sampling
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
@@ -47,6 +48,9 @@ class Run:
     reused: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     done: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    # The manifest's models, data and machine, copied into every cell's hand-in.
+    record: dict = field(default_factory=dict)
+    handins: list[Path] = field(default_factory=list)
 
     def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
         """Reuse the stage's folder if its key matches `inputs`, else run `work(tmp_dir)`
@@ -57,7 +61,7 @@ class Run:
                 raise RuntimeError(f"the plan gives stage {stage.folder} two sets of inputs")
             return self.done[stage.folder]
         marker = folder / "stage.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == key:
             self.reused.append(stage.folder)
             self.log(f"stage {stage.folder}: unchanged, reused")
         else:
@@ -89,12 +93,36 @@ def _git_commit() -> str | None:
         return None
 
 
-def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Plan) -> dict:
-    """What this run is: the resolved recipe, versions, commit, model hashes, seeds, cells, machine."""
+def _cpu_model() -> str:
+    """The processor's name as the system reports it ('' where it does not)."""
+    try:
+        if platform.system() == "Linux":
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+        if platform.system() == "Darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor()
+
+
+def machine_record() -> dict:
+    """The machine a run ran on: system, processor, cores, Python, package versions, code revision."""
     import os
 
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "packages": _versions(),
+            "git_commit": _git_commit()}
+
+
+def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Plan) -> dict:
+    """What this run is: the resolved recipe, versions, commit, model hashes, data, seeds, cells,
+    machine."""
     from kmismatch_lite.finetune import LoraSettings
 
+    machine = machine_record()
     cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
              "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder} for c in the_plan.cells]}
     design = recipe["design"]
@@ -109,10 +137,10 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
                    for role, m in models.items()},
-        "packages": _versions(),
-        "git_commit": _git_commit(),
-        "machine": {"platform": platform.platform(), "machine": platform.machine(),
-                    "python": platform.python_version(), "cpus": os.cpu_count()},
+        "data": data.source_record(recipe["data"]["dataset"]),
+        "packages": machine["packages"],
+        "git_commit": machine["git_commit"],
+        "machine": {k: v for k, v in machine.items() if k not in ("packages", "git_commit")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -275,7 +303,7 @@ class CellRun:
                 # Keyed by the set's content: a dose added later leaves the other doses' fine-tunes be.
                 path = dose_dir / f"{name}.jsonl"
                 adapters[name] = self._finetune(name, path, {"set_sha256": sha256_file(path), "set": name})
-        self.dose_stats = json.loads((dose_dir / "stats.json").read_text())
+        self.dose_stats = json.loads((dose_dir / "stats.json").read_text(encoding="utf-8"))
         return adapters
 
     def evaluate(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> dict[str, tuple[list, dict]]:
@@ -308,7 +336,7 @@ class CellRun:
             evaluated.setdefault(cond, {})[epoch] = _answered(folder)
         kept = {}
         for cond in planning.finetuned_conditions(self.recipe):
-            info = json.loads((adapters[cond][0].parent / "adapter" / "kmm_finetune.json").read_text())
+            info = json.loads((adapters[cond][0].parent / "adapter" / "kmm_finetune.json").read_text(encoding="utf-8"))
             kept[cond] = info.get("best_epoch", info["settings"]["epochs"])
         return evaluated, kept
 
@@ -341,7 +369,7 @@ class CellRun:
 
 def _answered(folder: Path) -> tuple[list[dict], dict]:
     """An answering stage's output: its scored samples and its metrics."""
-    return read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text())
+    return read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
 
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
@@ -356,13 +384,23 @@ def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> d
     evaluated = c.evaluate(data_key, adapters)
     by_epoch = c.evaluate_epochs(data_key, adapters) if cell.recipe["design"]["epochs"] else None
     cats = c.categories(data_key, evaluated["base_student"][0])
-    set_stats = json.loads((sets_dir / "stats.json").read_text())
-    return _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats, by_epoch)
+    set_stats = json.loads((sets_dir / "stats.json").read_text(encoding="utf-8"))
+    res, samples = _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats, by_epoch)
+    if run.record:
+        path = run.out / cell.folder / handin.file_name(cell.recipe["name"], cell.seed)
+        handin.write(path, handin.build(recipe=cell.recipe, point=cell.point, record=run.record,
+                                        results=res, samples=samples, categories=cats))
+        run.handins.append(path)
+        report_md = run.out / cell.folder / "report.md"
+        write_text(report_md, report_md.read_text(encoding="utf-8")
+                   + f"\nHand-in file for `kmm pool`: [{path.name}]({path.name})\n")
+    return res
 
 
 def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None,
-                 by_epoch: tuple[dict, dict] | None = None) -> dict:
-    """results.json, report.md, figures, samples and categories.json of one cell."""
+                 by_epoch: tuple[dict, dict] | None = None) -> tuple[dict, dict[str, list[dict]]]:
+    """results.json, report.md, figures, samples and categories.json of one cell; returns the
+    results and the samples by condition."""
     from kmismatch_lite import report, report_designs
 
     paper = {cond: evaluated[cond] for cond in CONDITIONS}
@@ -376,7 +414,7 @@ def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: 
     for cond, epochs in (by_epoch[0] if by_epoch else {}).items():
         samples.update({planning.epoch_condition(cond, n): s for n, (s, _) in epochs.items()})
     report.write(out, res, samples)
-    return res
+    return res, samples
 
 
 def _models(the_plan: planning.Plan) -> dict[str, dict[str, cards.Model]]:
@@ -416,10 +454,10 @@ def _run_cells(run: Run, the_plan: planning.Plan, models: dict) -> list[dict]:
 
 
 def _record_served(out: Path, cell: planning.Cell, models: dict[str, cards.Model]) -> None:
-    served = {role: json.loads((out / cell.stages[f"generate/{role}"].folder / "metrics.json").read_text())
+    served = {role: json.loads((out / cell.stages[f"generate/{role}"].folder / "metrics.json").read_text(encoding="utf-8"))
               ["backend"].get("server_model_id") for role, m in models.items() if m.served}
     if served:
-        man = json.loads((out / "manifest.json").read_text())
+        man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         man["served_model_ids"] = served
         write_json(out / "manifest.json", man)
 
@@ -442,11 +480,16 @@ def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_fa
     models = _models(the_plan)
     first = the_plan.cells[0]
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "manifest.json", manifest(recipe, models[first.folder], the_plan))
-    run = Run(out, log, progress_factory)
+    man = manifest(recipe, models[first.folder], the_plan)
+    write_json(out / "manifest.json", man)
+    record = {"models": {r: {"name": m["name"], "sha256": m["sha256"]} for r, m in man["models"].items()},
+              "data": man["data"],
+              "machine": {**man["machine"], "packages": man["packages"], "git_commit": man["git_commit"]}}
+    run = Run(out, log, progress_factory, record=record)
     cell_results = _run_cells(run, the_plan, models)
     _record_served(out, first, models[first.folder])
     results = report.write_pooled(out, the_plan, cell_results) if the_plan.multi else cell_results[0]
     reused = f"{len(run.reused)} reused" if the_plan.multi else f"reused: {', '.join(run.reused) or 'none'}"
     log(f"stages run: {', '.join(run.ran) or 'none'}; {reused}")
-    return {"results": results, "seconds": time.perf_counter() - t_start, "ran": run.ran, "reused": run.reused}
+    return {"results": results, "seconds": time.perf_counter() - t_start, "ran": run.ran, "reused": run.reused,
+            "handins": run.handins}

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
+from rich.table import Column, Table
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -20,11 +20,32 @@ def log(message: str) -> None:
     err.print(message)
 
 
+def _widths(width: int, total: int) -> tuple[int, int, int]:
+    """Widths of the description, the bar and the info text on a `width`-column terminal, so
+    that the counts and the times are never cut (the bar and the texts give way first)."""
+    counts = 2 * len(str(max(total, 0))) + 1
+    fixed = counts + 7 + 3 + 7 + 6  # done/total, elapsed, "eta", remaining, the six gaps
+    room = max(width - fixed - 1, 24)
+    bar = min(40, max(6, room // 5))
+    description = min(48, max(10, (room - bar) * 3 // 5))
+    return description, bar, max(room - bar - description, 0)
+
+
+def progress_columns(width: int, total: int) -> list:
+    """The bar's columns, sized for a terminal `width` columns wide."""
+    description, bar, info = _widths(width, total)
+
+    def text(template: str, most: int) -> TextColumn:
+        return TextColumn(template, table_column=Column(no_wrap=True, overflow="ellipsis", max_width=most))
+
+    return [text("{task.description}", description), BarColumn(bar_width=bar), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), text("{task.fields[info]}", info)]
+
+
 @contextmanager
 def progress_bar(description: str, total: int, fields: str = "") -> Iterator:
     """Yield `advance(n=1, **info)`: a rich bar on stderr, with free-form info after it."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = progress_columns(err.width, total)
     with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and total < 2) as bar:
         task = bar.add_task(description, total=total, info=fields)
 

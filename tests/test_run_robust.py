@@ -42,7 +42,7 @@ def test_outputs_follow_the_umask(tmp_path, umask, mask):
         os.close(os.open(tmp / "adapter.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
     with run_lock(tmp_path / "run"):
         pass
-    for f in ("results.json", "stage/stage.json", "stage/adapter.safetensors", ".lock"):
+    for f in ("results.json", "stage/stage.json", "stage/adapter.safetensors", ".lock", ".lock.pid"):
         assert (tmp_path / "run" / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     assert (tmp_path / "run" / "stage").stat().st_mode & 0o777 == 0o777 & ~mask
 
@@ -97,7 +97,7 @@ def test_run_lock_waits_and_spares_a_live_runs_temps_until_it_is_killed(tmp_path
         t.join(timeout=30)
     assert acquired.is_set()
     assert not (tmp_path / ".stage.0123abcd").exists()
-    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert (tmp_path / ".lock.pid").read_text().strip() == str(os.getpid())
 
 
 # --- the real smoke recipe, killed and doubled -------------------------------------------------
@@ -145,7 +145,7 @@ class Kmm:
 
 def _temps(out: Path) -> set[Path]:
     return {Path(d) / n for d, dirs, files in os.walk(out) for n in dirs + files
-            if n.startswith(".") and n != ".lock"}
+            if n.startswith(".") and n not in (".lock", ".lock.pid")}
 
 
 def _finished(out: Path) -> dict[str, bytes]:

@@ -210,7 +210,7 @@ class MlxTrainer:
         mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
         (adapter / "adapter_config.json").write_text(json.dumps(
             {"fine_tune_type": "lora", "num_layers": len(net.layers), "lora_parameters": config,
-             "model": str(self.path), "kmm_settings": vars(self.settings)}, indent=2) + "\n")
+             "model": str(self.path), "kmm_settings": vars(self.settings)}, indent=2) + "\n", encoding="utf-8")
         return mlx_models.lora_arrays(weights)
 
 

@@ -1,0 +1,36 @@
+"""The progress bar on narrow terminals: the counts and times are never cut, the texts give way."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from rich.progress import Progress
+
+from kmismatch_lite import ui
+
+
+def _line(width: int, total: int, done: int, description: str, info: str) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=True, color_system=None)
+    bar = Progress(*ui.progress_columns(width, total), console=console, auto_refresh=False)
+    task = bar.add_task(description, total=total, info=info)
+    bar.update(task, advance=done)
+    console.print(bar.make_tasks_table(bar.tasks))
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 160])
+@pytest.mark.parametrize("total, done", [(180, 90), (12000, 345)])
+def test_counts_and_times_survive_a_narrow_terminal(width, total, done):
+    line = _line(width, total, done, "fine-tuning smollm2-135m-instruct (torch)", "loss=1.234 tok_s=204")
+    assert len(line) <= width
+    assert f" {done}/{total} 0:00:00 eta -:--:--" in line
+
+
+def test_a_wide_terminal_shows_everything():
+    line = _line(160, 180, 90, "fine-tuning smollm2-135m-instruct (torch)", "loss=1.234 tok_s=204")
+    assert line.startswith("fine-tuning smollm2-135m-instruct (torch) ") and line.endswith("loss=1.234 tok_s=204")
