@@ -10,30 +10,16 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from kmismatch_lite.errors import KmmError, missing_extra
+from kmismatch_lite.question import Question
 
 SPLITS = ("train", "test", "exemplars")
 ALL = "all"  # every question of the set, in its source order
 LOCAL_KINDS = ("jsonl", "csv", "parquet")
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question: gold aliases in `answers`, the first one canonical."""
-
-    id: str
-    question: str
-    answers: list[str]
-    relation: str | None = None
-    subject: str | None = None
-    popularity: int | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass

@@ -22,6 +22,7 @@ from kmismatch_lite import cards
 from kmismatch_lite.backends import trainer_class
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import write_json, write_jsonl
+from kmismatch_lite.lora_data import epoch_dir
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COMPUTE = ("bfloat16", "mixed", "float32")
@@ -122,12 +123,6 @@ class FinetuneResult:
     seconds: float
     verify: dict | None
     epochs: list[int] = field(default_factory=list)
-
-
-def epoch_dir(out_dir: Path, epoch: int) -> Path:
-    """Where a fine-tune with `save_epochs` keeps the LoRA of the end of `epoch` (1-based):
-    `adapter/` and `adapter.gguf`, as the final adapter."""
-    return Path(out_dir) / "epochs" / f"epoch-{epoch}"
 
 
 def read_examples(path: Path) -> list[dict]:

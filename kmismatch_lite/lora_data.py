@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kmismatch_lite import prompts
@@ -146,3 +147,9 @@ def lora_arrays(peft_model, adapter: str = "default") -> dict[str, tuple[Any, An
         b = lora_b[adapter].weight.detach().float().cpu().numpy().copy()
         out[name] = (a, b)
     return out
+
+
+def epoch_dir(out_dir: Path, epoch: int) -> Path:
+    """Where a fine-tune with `save_epochs` keeps the LoRA of the end of `epoch` (1-based):
+    `adapter/` and `adapter.gguf`, as the final adapter."""
+    return Path(out_dir) / "epochs" / f"epoch-{epoch}"

@@ -211,12 +211,32 @@ def _check_cell(recipe: dict, where: str) -> None:
         LoraSettings.from_dict(recipe["finetune"]["lora"])
     except KmmError as exc:
         raise KmmError(f"{where}: {exc}") from None
+    for stage in ("generate", "evaluate"):
+        _check_options(recipe, stage, where)
     d = recipe["data"]
     if d["train"] < 0 or d["test"] < 0 or not 0 < d["test_frac"] < 1 or d["shots"] < 0:
         raise KmmError(f"{where}: data sizes must be >= 0 and 0 < test_frac < 1")
     _check_doses(recipe["design"]["doses"], where)
     _check_categories(recipe["design"], d, where)
     _check_epochs(recipe, where)
+
+
+def _check_options(recipe: dict, stage: str, where: str) -> None:
+    """`[STAGE.options]` against what the stage's backend declares (and the openai backend's,
+    which answers for a served model), before any stage runs."""
+    from kmismatch_lite import backends, cards
+
+    names = [recipe[stage]["backend"]]
+    if any(cards.is_served(recipe["models"][role]) for role in ("student", "teacher")):
+        names.append("openai")
+    known: dict[str, type] = {}
+    for name in names:
+        known.update(backends.generator_options(name))
+    for key, value in recipe[stage]["options"].items():
+        try:
+            backends.check_option(key, value, known, f"the {' or '.join(names)} backend")
+        except KmmError as exc:
+            raise KmmError(f"{where}: {stage}.options: {exc}") from None
 
 
 def _check_doses(doses: list, where: str) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from kmismatch_lite import report_designs, scoring, stats
+from kmismatch_lite.scoring import tally_of
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import atomic_path, write_json, write_jsonl, write_text
 
@@ -21,12 +22,6 @@ LABELS = {
 ALPHA = 0.05
 # report.html of a many-seed run reloads itself, for a screen that watches seeds arrive.
 REFRESH_SECONDS = 10
-
-
-def tally_of(metrics: dict) -> dict:
-    """The counts and rates of an evaluation's metrics.json (no timings or file names)."""
-    return {k: v for k, v in metrics.items()
-            if k in scoring.Tally.__dataclass_fields__ or k.endswith("_rate") or k == "precision"}
 
 
 def results(recipe: dict, evaluated: dict, set_stats: dict, models: dict) -> dict:

@@ -42,14 +42,13 @@ def _ordered(counts: dict) -> dict:
 
 
 def _dose_cell(recipe: dict, evaluated: dict, dose_stats: dict) -> dict:
-    from kmismatch_lite.report import tally_of
 
     doses = sorted(map(float, recipe["design"]["doses"]))
     names = [dose_name(d) for d in doses]
     response = dose_response.by_verdict([{d: evaluated[n][0] for d, n in zip(doses, names)}],
                                         n_boot=recipe["report"]["bootstrap"], seed=recipe["seed"])
     return {"doses": doses, "sets": {n: dose_stats[n] for n in names},
-            "conditions": {n: tally_of(evaluated[n][1]) for n in names},
+            "conditions": {n: scoring.tally_of(evaluated[n][1]) for n in names},
             "mismatch_answered": [dose_stats[n]["mismatch_answered"] for n in names],
             "mismatch_pool": dose_stats[names[0]]["mismatch_pool"],
             "paper_wrong_rate": _paper_rates([evaluated[c][1] for c in ("self", "teacher")]),

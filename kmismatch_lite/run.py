@@ -5,7 +5,8 @@ data -> generate (teacher, student) -> sets -> finetune (self, teacher) -> evalu
 self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-dose sets with a
 fine-tune and an evaluation per dose, SliCK's greedy and sampled evaluations, and an evaluation of each
 fine-tune's saved epochs. Each stage writes its folder atomically with a `stage.json` holding a
-key over its inputs; a stage whose key is unchanged is reused, and a stage that several cells
+key over its inputs and the code that computes them (fingerprint.py); a stage whose key is
+unchanged is reused, and a stage that several cells
 share runs once. With several seeds, the report pools them (report.py, stats.py).
 """
 
@@ -25,6 +26,7 @@ from kmismatch_lite import (categories, cards, check, data, dose, handin, plan a
                             scoring)
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.fingerprint import stage_code
 from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
                                write_jsonl, write_text)
 from kmismatch_lite.sampling import GREEDY, Sampling
@@ -69,7 +71,8 @@ class Run:
             t0 = time.perf_counter()
             with atomic_dir(folder) as tmp:
                 work(tmp)
-                write_json(tmp / "stage.json", {"key": key, "seconds": round(time.perf_counter() - t0, 3)})
+                write_json(tmp / "stage.json", {"key": key, "seconds": round(time.perf_counter() - t0, 3),
+                                                "code": inputs.get("code")})
             self.ran.append(stage.folder)
         self.done[stage.folder] = (folder, key)
         return folder, key
@@ -118,13 +121,12 @@ def machine_record() -> dict:
 
 
 def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Plan) -> dict:
-    """What this run is: the resolved recipe, versions, commit, model hashes, data, seeds, cells,
-    machine."""
-    from kmismatch_lite.finetune import LoraSettings
-
+    """What this run is: the resolved recipe, versions, commit, model hashes, data, seeds, cells
+    (each with its resolved fine-tune settings), machine."""
     machine = machine_record()
     cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
-             "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder} for c in the_plan.cells]}
+             "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder,
+                        "lora_settings": asdict(cell_lora(c.recipe))} for c in the_plan.cells]}
     design = recipe["design"]
     sampled = design["categories"] == "slick" and design["slick_samples"] > 0
     return {
@@ -132,7 +134,8 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
         "seed": recipe.get("seed"),
         **(cells if the_plan.multi else {}),
         "backends": {s: recipe[s]["backend"] for s in ("generate", "finetune", "evaluate")},
-        "lora_settings": asdict(LoraSettings.from_dict(recipe["finetune"]["lora"])),
+        # A many-cell run records each cell's own (its LoRA seed is the cell's seed).
+        **({} if the_plan.multi else {"lora_settings": asdict(cell_lora(the_plan.cells[0].recipe))}),
         **({"sampling": categories.sampling_record(design["slick_samples"], the_plan.seeds)} if sampled else {}),
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
@@ -143,6 +146,15 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
         "machine": {k: v for k, v in machine.items() if k not in ("packages", "git_commit")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cell_lora(recipe: dict):
+    """A cell's resolved fine-tune settings: the LoRA seed is the cell's seed unless the recipe
+    sets one, and `[design] epochs` keeps every epoch's LoRA (a setting, so in the stage's key)."""
+    from kmismatch_lite.finetune import LoraSettings
+
+    save = {"save_epochs": True} if recipe["design"]["epochs"] else {}
+    return LoraSettings.from_dict({"seed": recipe["seed"], **recipe["finetune"]["lora"], **save})
 
 
 def _questions(rows: list[dict]) -> list[Question]:
@@ -200,7 +212,8 @@ class CellRun:
             write_jsonl(tmp / "exemplars.jsonl", [q.to_dict() for q in qs.exemplars])
             (tmp / "prompt.txt").write_text(template.prefix, encoding="utf-8")
 
-        folder, key = self.run.stage(self.cell.stages["data"], {"data": d, "seed": seed}, work)
+        folder, key = self.run.stage(self.cell.stages["data"],
+                                     {"data": d, "seed": seed, "code": stage_code("data")}, work)
         self.train = _questions(read_jsonl(folder / "train.jsonl"))
         self.test = _questions(read_jsonl(folder / "test.jsonl"))
         self.exemplars = _questions(read_jsonl(folder / "exemplars.jsonl"))
@@ -218,7 +231,9 @@ class CellRun:
             # Outside the stage's temporary folder, so answers survive an interruption.
             cache = self.run.out / "cache" / f"{stage.folder.replace('/', '-')}.jsonl"
             options = {"cache": str(cache), **options}
-        inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section}
+        backend = check.generation_backend(self.models[role].served, section["backend"])
+        inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section,
+                  "code": stage_code("answers", backend)}
         if not name.startswith("generate/"):
             inputs["adapter"] = adapter[1] if adapter else None
         if not sampling.greedy:
@@ -250,24 +265,23 @@ class CellRun:
             write_jsonl(tmp / "teacher.jsonl", teacher_set)
             write_json(tmp / "stats.json", stats)
 
-        return self.run.stage(self.cell.stages["sets"],
-                              {"teacher": gen["teacher"][1], "student": gen["student"][1]}, work)
+        return self.run.stage(self.cell.stages["sets"], {"teacher": gen["teacher"][1], "student": gen["student"][1],
+                                                         "code": stage_code("sets")}, work)
 
     def _finetune(self, name: str, set_file: Path, set_key: dict) -> tuple[Path, str]:
         """Protocol step 5 for one set: a LoRA on the student, exported for llama.cpp."""
-        from kmismatch_lite.finetune import LoraSettings, finetune
+        from kmismatch_lite.finetune import finetune
 
         f = self.recipe["finetune"]
-        # `[design] epochs` keeps every epoch's LoRA; being a setting, it is in the stage's key.
-        save = {"save_epochs": True} if self.recipe["design"]["epochs"] else {}
-        settings = LoraSettings.from_dict({"seed": self.recipe["seed"], **f["lora"], **save})
+        settings = cell_lora(self.recipe)
 
         def work(tmp: Path) -> None:
             finetune(self.recipe["models"]["student"], set_file, tmp, backend=f["backend"],
                      settings=settings, verify=f["verify"], progress_factory=self.run.progress_factory)
 
         # Every resolved setting is in the key: a changed default retrains instead of reusing.
-        inputs = {**set_key, "student": self.model_keys["student"], "finetune": f, "lora": asdict(settings)}
+        inputs = {**set_key, "student": self.model_keys["student"], "finetune": f, "lora": asdict(settings),
+                  "code": stage_code("finetune", f["backend"])}
         folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"], inputs, work)
         return folder / "adapter.gguf", key
 
@@ -287,7 +301,8 @@ class CellRun:
             write_json(tmp / "stats.json", {ds.name: ds.stats for ds in built})
 
         return self.run.stage(self.cell.stages["dose_sets"], {"teacher": gen["teacher"][1],
-                              "student": gen["student"][1], "doses": doses, "seed": seed}, work)
+                              "student": gen["student"][1], "doses": doses, "seed": seed,
+                              "code": stage_code("dose_sets")}, work)
 
     def finetune_doses(self, gen: dict, sets_dir: Path, self_adapter: tuple[Path, str]) -> dict[str, tuple[Path, str]]:
         """A LoRA per dose; dose 0 is the self set, so it takes the self fine-tune (checked)."""

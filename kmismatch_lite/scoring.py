@@ -130,3 +130,9 @@ def tally(verdicts: Sequence[str], exact: Sequence[bool]) -> Tally:
         abstained=sum(v == ABSTAINED for v in verdicts),
         exact_match=sum(bool(e) for e in exact),
     )
+
+
+def tally_of(metrics: dict) -> dict:
+    """The counts and rates of an evaluation's metrics.json (no timings or file names)."""
+    return {k: v for k, v in metrics.items()
+            if k in Tally.__dataclass_fields__ or k.endswith("_rate") or k == "precision"}

@@ -272,3 +272,13 @@ def test_output_folder_not_writable(tmp_path, fake_model, questions, unwritable)
 def test_model_names_with_path_separators(tmp_path, spec, needle):
     _one_line_error(_check(tmp_path, spec), needle)
     _one_line_error(run_kmm("pull", spec), needle if spec.startswith("hf:") else "unknown model")
+
+
+def test_a_misspelt_backend_option_stops_the_run_before_any_stage(tmp_path):
+    recipe = tmp_path / "typo.toml"
+    smoke = (Path(__file__).resolve().parent.parent / "recipes" / "smoke.toml").read_text(encoding="utf-8")
+    recipe.write_text(smoke + "\n[evaluate.options]\nparalel = 2\n", encoding="utf-8")
+    out = tmp_path / "run"
+    res = run_kmm("run", str(recipe), "--out", str(out), cwd=tmp_path)
+    _one_line_error(res, "evaluate.options: unknown option 'paralel' for the llamacpp backend")
+    assert res.returncode == 1 and not out.exists()

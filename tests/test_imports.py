@@ -43,3 +43,69 @@ def test_kmm_help_lists_the_commands():
     res = subprocess.run([sys.executable, "-m", "kmismatch_lite", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "check" in res.stdout and "models" in res.stdout
+
+
+# --- the import graph points one way ------------------------------------------------------------
+
+import ast  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kmismatch_lite"
+# The verbs and the shell that drive the backends; a backend never imports them.
+DRIVERS = {"kmismatch_lite.cli", "kmismatch_lite.run", "kmismatch_lite.check", "kmismatch_lite.finetune",
+           "kmismatch_lite.report", "kmismatch_lite.pool", "kmismatch_lite.plan", "kmismatch_lite.recipes"}
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at the top or inside a function."""
+    mods = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = path
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            edges[m].update(t for t in targets if t in mods and t != m)
+    return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(edges[v]):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        state[v] = 2
+        path.pop()
+        return None
+
+    for v in sorted(edges):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_no_import_circles():
+    assert _cycle(_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_backends_never_import_what_drives_them():
+    edges = _graph()
+    wrong = {m: sorted(edges[m] & DRIVERS) for m in edges if m.startswith("kmismatch_lite.backends")}
+    assert {m: w for m, w in wrong.items() if w} == {}

@@ -168,3 +168,22 @@ def test_bad_seeds_or_sweep_on_the_command_line_is_one_line(tmp_path, setting, m
     proc = run_kmm("run", "smoke", "--out", str(out), "-s", setting, cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and msg in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("table, msg", [
+    ('[evaluate.options]\nparalel = 2\n', "evaluate.options: unknown option 'paralel' for the llamacpp backend"),
+    ('[generate.options]\nparallel = "8"\n', "generate.options: bad value for option 'parallel'"),
+    ('[generate.options]\nexact = 1\n', "generate.options: bad value for option 'exact'"),
+    ('[evaluate]\nbackend = "mlx"\n[evaluate.options]\nexact = true\n', "unknown option 'exact' for the mlx backend"),
+])
+def test_backend_options_are_checked_when_the_recipe_loads(tmp_path, table, msg):
+    with pytest.raises(KmmError, match=msg.replace("(", r"\(")):
+        recipes.load(write(tmp_path, BASE + table))
+
+
+def test_declared_backend_options_load(tmp_path):
+    r = recipes.load(write(tmp_path, BASE + '[evaluate.options]\nparallel = 1\nexact = true\nlora_scale = 1\n'))
+    assert r["evaluate"]["options"] == {"parallel": 1, "exact": True, "lora_scale": 1}
+    served = BASE.replace('"gemma-3-270m"', '"openai:http://127.0.0.1:9/v1#m"')
+    r = recipes.load(write(tmp_path, served + '[generate.options]\nconcurrency = 4\nparallel = 2\n'))
+    assert r["generate"]["options"] == {"concurrency": 4, "parallel": 2}

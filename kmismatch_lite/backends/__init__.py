@@ -91,6 +91,24 @@ def trainer_class(name: str) -> type:
     return _load(TRAINERS, name, "fine-tune")
 
 
+def generator_options(name: str) -> dict[str, type]:
+    """The options a generation backend declares (its module's OPTIONS), by name and type."""
+    return dict(getattr(importlib.import_module(generator_class(name).__module__), "OPTIONS", {}))
+
+
+def check_option(key: str, value: Any, known: dict[str, type], where: str) -> None:
+    """A recipe's backend option: a declared key with a value of the declared type."""
+    if key not in known:
+        raise KmmError(f"unknown option '{key}' for {where} (known: {', '.join(sorted(known))})")
+    kind = known[key]
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, kind) and not isinstance(value, bool) if kind is int
+          else isinstance(value, kind))
+    if not ok:
+        raise KmmError(f"bad value for option '{key}' of {where}: {value!r} (expected {kind.__name__})")
+
+
 def parse_options(pairs: Sequence[str], known: dict[str, type], where: str) -> dict[str, Any]:
     """`key=value` strings into typed settings; an unknown key is an error naming it."""
     out: dict[str, Any] = {}

@@ -172,7 +172,7 @@ class MlxTrainer:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         from kmismatch_lite import lora_data
-        from kmismatch_lite.finetune import epoch_dir
+        from kmismatch_lite.lora_data import epoch_dir
 
         s = self.settings
         mx.random.seed(s.seed)

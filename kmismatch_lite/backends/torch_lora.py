@@ -25,7 +25,7 @@ except ImportError:
     raise missing_extra("torch, transformers and peft", "torch") from None
 
 from kmismatch_lite import lora_data
-from kmismatch_lite.finetune import epoch_dir
+from kmismatch_lite.lora_data import epoch_dir
 from kmismatch_lite.hf_from_gguf import hf_folder
 
 
