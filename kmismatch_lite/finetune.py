@@ -28,6 +28,9 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 COMPUTE = ("bfloat16", "mixed", "float32")
 ATTENTION = ("eager", "sdpa")
 SCHEDULES = ("constant", "linear")
+# Where the fine-tune's base weights come from: the student's own GGUF (what llama.cpp evaluates), or
+# the card's hub repository in the local Hugging Face cache (the unsloth and mlx backends).
+BASE_WEIGHTS = ("gguf", "hub")
 
 
 @dataclass
@@ -61,6 +64,9 @@ class LoraSettings:
     # epoch's own weights; with a dev split the final adapter is the best epoch's, so it equals
     # one of them, not necessarily the last.
     save_epochs: bool = False
+    # The trainer's base weights (BASE_WEIGHTS): a setting, so in the fine-tune's key, never chosen
+    # by what happens to be in a cache.
+    base_weights: str = "gguf"
 
     @classmethod
     def types(cls) -> dict[str, type]:
@@ -87,10 +93,11 @@ class LoraSettings:
                ("target_modules", bool(self.target_modules)), ("compute", self.compute in COMPUTE),
                ("attention", self.attention in ATTENTION),
                ("dev_fraction", 0 <= self.dev_fraction <= 0.5), ("patience", self.patience >= 0),
-               ("lr_schedule", self.lr_schedule in SCHEDULES)]
+               ("lr_schedule", self.lr_schedule in SCHEDULES), ("base_weights", self.base_weights in BASE_WEIGHTS)]
         for key, ok in bad:
             if not ok:
-                choices = {"compute": COMPUTE, "attention": ATTENTION, "lr_schedule": SCHEDULES}.get(key)
+                choices = {"compute": COMPUTE, "attention": ATTENTION, "lr_schedule": SCHEDULES,
+                           "base_weights": BASE_WEIGHTS}.get(key)
                 choices = f" (one of {', '.join(choices)})" if choices else ""
                 raise KmmError(f"fine-tune setting '{key}' is out of range: {getattr(self, key)!r}{choices}")
 

@@ -208,9 +208,12 @@ def _check_cell(recipe: dict, where: str) -> None:
             raise KmmError(f"{where}: {stage}.backend: unknown backend '{recipe[stage]['backend']}' "
                            f"(choose from {', '.join(registry)})")
     try:
-        LoraSettings.from_dict(recipe["finetune"]["lora"])
+        lora = LoraSettings.from_dict(recipe["finetune"]["lora"])
     except KmmError as exc:
         raise KmmError(f"{where}: {exc}") from None
+    if lora.base_weights == "hub" and recipe["finetune"]["backend"] == "torch":
+        raise KmmError(f"{where}: finetune.lora.base_weights = \"hub\" needs the unsloth or mlx backend "
+                       f"(the torch backend trains on the student's GGUF weights)")
     for stage in ("generate", "evaluate"):
         _check_options(recipe, stage, where)
     d = recipe["data"]

@@ -187,3 +187,12 @@ def test_declared_backend_options_load(tmp_path):
     served = BASE.replace('"gemma-3-270m"', '"openai:http://127.0.0.1:9/v1#m"')
     r = recipes.load(write(tmp_path, served + '[generate.options]\nconcurrency = 4\nparallel = 2\n'))
     assert r["generate"]["options"] == {"concurrency": 4, "parallel": 2}
+
+
+def test_the_fine_tune_base_weights_are_a_setting_checked_at_load(tmp_path):
+    r = recipes.load(write(tmp_path, BASE), ["finetune.backend=unsloth", "finetune.lora.base_weights=hub"])
+    assert r["finetune"]["lora"]["base_weights"] == "hub"
+    with pytest.raises(KmmError, match='base_weights = "hub" needs the unsloth or mlx backend'):
+        recipes.load(write(tmp_path, BASE), ["finetune.lora.base_weights=hub"])
+    with pytest.raises(KmmError, match="base_weights"):
+        recipes.load(write(tmp_path, BASE), ["finetune.lora.base_weights=s3"])

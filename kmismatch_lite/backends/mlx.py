@@ -162,8 +162,9 @@ class MlxTrainer:
 
     name = "mlx"
 
-    def __init__(self, model: cards.Model, settings, *, source: str = "auto"):
+    def __init__(self, model: cards.Model, settings, *, source: str | None = None):
         mlx_models.require_mlx()
+        source = source or getattr(settings, "base_weights", "gguf")
         self.model, self.settings, self.path = model, settings, mlx_models.model_dir(model, source)
 
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:

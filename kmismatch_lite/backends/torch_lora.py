@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kmismatch_lite.cards import Model
-from kmismatch_lite.errors import missing_extra
+from kmismatch_lite.errors import KmmError, missing_extra
 
 # OpenMP's wait policy is left to the user (OMP_WAIT_POLICY=passive helps on a crowded machine;
 # on an idle one the default trained 1.7x faster here: 284 vs 164 tokens/s).
@@ -55,6 +55,9 @@ class TorchTrainer:
     name = "torch"
 
     def __init__(self, model: Model, settings):
+        if getattr(settings, "base_weights", "gguf") != "gguf":
+            raise KmmError("the torch backend trains on the student's GGUF weights (base_weights = \"gguf\"); "
+                           "base_weights = \"hub\" is for the unsloth and mlx backends")
         self.model, self.settings = model, settings
 
     def train(self, examples: Sequence[dict], out_dir, *, progress=None) -> dict[str, Any]:

@@ -72,8 +72,9 @@ class UnslothTrainer:
 
     name = "unsloth"
 
-    def __init__(self, model: Model, settings, *, loader: Callable | None = None, source: str = "auto",
+    def __init__(self, model: Model, settings, *, loader: Callable | None = None, source: str | None = None,
                  device: str = "cuda"):
+        source = source or getattr(settings, "base_weights", "gguf")
         if source not in SOURCES:
             raise KmmError(f"unknown unsloth source '{source}' (choose from {', '.join(SOURCES)})")
         if loader is None:
