@@ -127,3 +127,47 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str | None = Non
         write_json(Path(out) / "metrics.json", res.metrics)
     return res
 
+
+# --- the CI contract: one JSON object, and a gate on the wrong-answer rate ---
+
+SCHEMA = "kmm-check/1"
+COMPARE_SCHEMA = "kmm-compare/1"
+EXIT_FAILED = 3  # the gate failed; 1 stays bad input and 2 a usage error
+
+
+def summary(res: CheckResult, fail_above: float | None = None) -> dict:
+    """`kmm check --json`: counts, rates, the model, prompt and settings, and the gate's outcome."""
+    m = res.metrics
+    keep = ("n", "correct", "wrong", "abstained", "correct_rate", "wrong_rate", "abstained_rate",
+            "hallucination_rate", "precision", "exact_match", "exact_match_rate", "model", "model_sha256",
+            "adapter", "adapter_sha256", "dataset", "split", "prompt_style", "prompt_sha256", "seed", "sampling",
+            "backend", "seconds", "questions_per_second")
+    out = {"schema": SCHEMA, **{k: m[k] for k in keep if k in m}}
+    if fail_above is not None:
+        out.update(fail_above=fail_above, passed=m["wrong_rate"] <= fail_above)
+    return out
+
+
+def compare(a: CheckResult, b: CheckResult, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """B against A on the same questions: each one's tally, and the paired test on wrong answers
+    (McNemar's exact test on the questions exactly one got wrong, a bootstrap 95% interval on the
+    difference in wrong-answer rate, B minus A), as `kmm run` compares its two students."""
+    from kmismatch_lite import stats
+
+    if [s["id"] for s in a.samples] != [s["id"] for s in b.samples]:
+        raise KmmError("the two models did not answer the same questions")
+    test = stats.paired_wrong_test([s["verdict"] == scoring.WRONG for s in b.samples],
+                                   [s["verdict"] == scoring.WRONG for s in a.samples], n_boot=n_boot, seed=seed)
+    return {"schema": COMPARE_SCHEMA, "a": summary(a), "b": summary(b), "n": test.n,
+            "wrong_a": test.wrong_b, "wrong_b": test.wrong_a, "b_only_wrong": test.a_only,
+            "a_only_wrong": test.b_only, "wrong_rate_difference": test.diff_rate,
+            "bootstrap_95ci": [test.ci_low, test.ci_high], "mcnemar_p": test.p_value}
+
+
+def compare_text(c: dict) -> str:
+    """One sentence: B's wrong answers against A's, with the paired test."""
+    d, (lo, hi) = c["wrong_rate_difference"], c["bootstrap_95ci"]
+    return (f"B gave {c['wrong_b']} wrong answers, A {c['wrong_a']} on the same {c['n']} questions "
+            f"({c['b_only_wrong']} wrong only for B, {c['a_only_wrong']} only for A): difference in wrong-answer "
+            f"rate {100 * d:+.1f} points (B minus A), 95% bootstrap interval [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+            f"McNemar exact p = {c['mcnemar_p']:.3g}.")

@@ -3,6 +3,7 @@ when it runs, so `kmm --help` stays fast and light."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -86,17 +87,18 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
               help="0: greedy; above 0: seeded temperature sampling, no top-k/top-p truncation.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write samples.jsonl and metrics.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option (repeatable).")
-def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@click.option("--fail-above", type=click.FloatRange(0, 1), default=None, metavar="RATE",
+              help="Exit with status 3 when the wrong-answer rate is above RATE (0-1).")
+def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, as_json,
+          fail_above) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
-    or hf:org/repo:file.gguf)."""
-    from kmismatch_lite import cards, check as check_mod, ui
-    from kmismatch_lite.backends import generator_class, parse_options
+    or hf:org/repo:file.gguf). Exit status: 0, 3 when --fail-above fails, 1 bad input, 2 usage."""
+    from kmismatch_lite import check as check_mod, ui
 
-    # -o takes the options of the backend that will answer: a served model's server.
-    backend = check_mod.generation_backend(cards.is_served(model), backend)
+    backend, opts = _generation_options(model, backend, options)
     if out is not None:
         writable_folder(out)
-    opts = parse_options(options, getattr(sys.modules[generator_class(backend).__module__], "OPTIONS", {}), backend)
     t0 = time.perf_counter()
     split = split or check_mod.default_split(dataset)
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
@@ -104,12 +106,93 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, tempe
                           progress_factory=ui.progress_bar, temperature=temperature)
     m = res.metrics
     label = m["model"] + (" + adapter" if adapter else "")
-    how = f", sampled at temperature {temperature:g}" if temperature else ""
-    ui.table(f"kmm check: {label} on {dataset} ({split} split), {m['prompt_style']}{how}", ui.TALLY_COLUMNS,
-             ui.tally_rows({label: m}))
+    summary = check_mod.summary(res, fail_above)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        how = f", sampled at temperature {temperature:g}" if temperature else ""
+        ui.table(f"kmm check: {label} on {dataset} ({split} split), {m['prompt_style']}{how}", ui.TALLY_COLUMNS,
+                 ui.tally_rows({label: m}))
     where = f", outputs in {out}" if out else ""
     ui.summary(f"checked {m['n']} questions with {label} ({backend}) in {time.perf_counter() - t0:.1f}s "
                f"({m['questions_per_second']:.1f} q/s){where}")
+    _gate(summary.get("passed"), f"wrong-answer rate {m['wrong_rate']:.1%} is above --fail-above {fail_above:g}"
+          if fail_above is not None else "")
+
+
+def _generation_options(model: str, backend: str, options: tuple[str, ...]) -> tuple[str, dict]:
+    """The backend that will answer MODEL (a served model's server) and its -o options, typed."""
+    from kmismatch_lite import cards, check as check_mod
+    from kmismatch_lite.backends import generator_options, parse_options
+
+    backend = check_mod.generation_backend(cards.is_served(model), backend)
+    return backend, parse_options(options, generator_options(backend), backend)
+
+
+def _gate(passed: bool | None, why: str) -> None:
+    """Exit with status 3, after the output, when a --fail-* gate failed."""
+    from kmismatch_lite import check as check_mod
+
+    if passed is False:
+        print(f"failed: {why}", file=sys.stderr)
+        sys.exit(check_mod.EXIT_FAILED)
+
+
+@cli.command("compare")
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--dataset", "-d", default="geonames", show_default=True, help="Question set SPEC.")
+@click.option("--split", default=None, type=click.Choice(["all", "train", "test", "exemplars"]),
+              help="Questions to answer [default: all for a local file, test for a built-in set].")
+@click.option("--limit", "-n", type=int, default=None, help="Answer only the first N questions.")
+@click.option("--backend", "-b", default="llamacpp", show_default=True, help="Generation backend.")
+@click.option("--adapter-a", type=click.Path(path_type=Path), default=None, help="A GGUF LoRA adapter for A.")
+@click.option("--adapter-b", type=click.Path(path_type=Path), default=None, help="A GGUF LoRA adapter for B.")
+@click.option("--zero-shot", is_flag=True, help="The zero-shot prompt (for fine-tuned models), for both.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split, the prompt and the bootstrap.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write a/ and b/ (samples.jsonl, metrics.json) and compare.json here.")
+@click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option for both (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
+              help="Exit with status 3 when B's wrong-answer rate exceeds A's by more than POINTS points.")
+def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, adapter_b, zero_shot, seed, out,
+                options, as_json, fail_if_worse) -> None:
+    """Two models (or one, with and without --adapter-b) answer the same questions with the same
+    prompt; then the paired test on their wrong answers, B minus A. Exit status: 0, 3 when
+    --fail-if-worse fails, 1 bad input, 2 usage."""
+    from kmismatch_lite import check as check_mod, ui
+    from kmismatch_lite.io import write_json, write_jsonl
+
+    if out is not None:
+        writable_folder(out)
+    split = split or check_mod.default_split(dataset)
+    results = {}
+    for side, model, adapter in (("a", model_a, adapter_a), ("b", model_b, adapter_b)):
+        side_backend, opts = _generation_options(model, backend, options)
+        results[side] = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=side_backend,
+                                        adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts,
+                                        progress_factory=ui.progress_bar)
+    c = check_mod.compare(results["a"], results["b"], seed=seed)
+    if fail_if_worse is not None:
+        c.update(fail_if_worse=fail_if_worse, passed=100 * c["wrong_rate_difference"] <= fail_if_worse)
+    if out is not None:
+        for side, res in results.items():
+            write_jsonl(out / side / "samples.jsonl", res.samples)
+            write_json(out / side / "metrics.json", res.metrics)
+        write_json(out / "compare.json", c)
+    labels = {s: results[s].metrics["model"] + (" + adapter" if a else "")
+              for s, a in (("a", adapter_a), ("b", adapter_b))}
+    if as_json:
+        click.echo(json.dumps(c))
+    else:
+        ui.table(f"kmm compare on {dataset} ({split} split): A {labels['a']}, B {labels['b']}", ui.TALLY_COLUMNS,
+                 ui.tally_rows({"A": results["a"].metrics, "B": results["b"].metrics}))
+        ui.out.print(check_mod.compare_text(c))
+    ui.summary(f"compared {labels['b']} (B) with {labels['a']} (A) on {c['n']} questions"
+               + (f", outputs in {out}" if out else ""))
+    _gate(c.get("passed"), f"B's wrong-answer rate is {100 * c['wrong_rate_difference']:+.1f} points above A's, "
+          f"more than --fail-if-worse {fail_if_worse:g}" if fail_if_worse is not None else "")
 
 
 @cli.command("finetune")

@@ -1,0 +1,86 @@
+"""`kmm check --json --fail-above` and `kmm compare` on the bundled models: the JSON is what the
+written samples say, the exit status gates on the rate, and compare's paired statistics are
+McNemar's exact test (scipy's binomial test) and the runner's own comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import bundled_model, llama_cpp_usable, run_kmm
+
+pytestmark = pytest.mark.integration
+
+STUDENT, TEACHER = "smollm2-135m-instruct", "gemma-3-270m"
+
+
+@pytest.fixture(autouse=True)
+def _needs_models():
+    reason = llama_cpp_usable() or bundled_model(STUDENT) or bundled_model(TEACHER)
+    if reason:
+        pytest.skip(reason)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def test_check_json_is_the_written_samples_and_the_gate_sets_the_exit_status(tmp_path):
+    proc = run_kmm("check", STUDENT, "-n", "20", "--json", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    rows = _rows(tmp_path / "c" / "samples.jsonl")
+    verdicts = [r["verdict"] for r in rows]
+    assert got["schema"] == "kmm-check/1" and got["n"] == len(rows) == 20
+    assert (got["correct"], got["wrong"], got["abstained"]) == tuple(verdicts.count(v) for v in ("correct", "wrong", "abstained"))
+    assert got["wrong_rate"] == got["wrong"] / 20 and "passed" not in got
+    from kmismatch_lite import cards
+
+    gguf = cards.resolve(STUDENT).gguf_path
+    assert got["model_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert 0 < got["wrong"] < 20, "the gate test needs a rate strictly between 0 and 1"
+
+    rate = got["wrong_rate"]
+    at = run_kmm("check", STUDENT, "-n", "20", "--json", "--fail-above", str(rate))
+    assert at.returncode == 0 and json.loads(at.stdout)["passed"] is True
+    below = run_kmm("check", STUDENT, "-n", "20", "--json", "--fail-above", str(rate - 0.01))
+    assert below.returncode == 3, below.stderr
+    assert json.loads(below.stdout)["passed"] is False
+    assert below.stderr.strip().splitlines()[-1].startswith("failed: wrong-answer rate")
+    bad = run_kmm("check", STUDENT, "-n", "5", "--fail-above", "1.5")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_compare_is_mcnemar_and_the_runners_comparison_and_gates_on_the_difference(tmp_path):
+    from scipy.stats import binomtest
+
+    from kmismatch_lite import stats
+
+    out = tmp_path / "cmp"
+    proc = run_kmm("compare", STUDENT, TEACHER, "-n", "40", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads(proc.stdout)
+    a, b = _rows(out / "a" / "samples.jsonl"), _rows(out / "b" / "samples.jsonl")
+    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == c["n"] == 40
+    wa, wb = [r["verdict"] == "wrong" for r in a], [r["verdict"] == "wrong" for r in b]
+    b_only = sum(y and not x for x, y in zip(wa, wb))
+    a_only = sum(x and not y for x, y in zip(wa, wb))
+    assert (c["b_only_wrong"], c["a_only_wrong"]) == (b_only, a_only) and b_only + a_only > 0
+    assert (c["wrong_a"], c["wrong_b"]) == (sum(wa), sum(wb))
+    assert c["wrong_rate_difference"] == pytest.approx((sum(wb) - sum(wa)) / 40)
+    assert c["mcnemar_p"] == pytest.approx(binomtest(b_only, b_only + a_only, 0.5).pvalue)
+    runner = stats.paired_wrong_test(wb, wa, n_boot=2000, seed=0)
+    assert c["bootstrap_95ci"] == [runner.ci_low, runner.ci_high]
+    assert c["a"]["model"] == STUDENT and c["b"]["model"] == TEACHER
+    assert json.loads((out / "compare.json").read_text(encoding="utf-8")) == c
+
+    points = 100 * c["wrong_rate_difference"]
+    worse = run_kmm("compare", STUDENT, TEACHER, "-n", "40", "--fail-if-worse", str(points - 0.5))
+    assert worse.returncode == 3, worse.stderr
+    fine = run_kmm("compare", STUDENT, TEACHER, "-n", "40", "--fail-if-worse", str(points + 0.5))
+    assert fine.returncode == 0, fine.stderr
+    assert "McNemar exact" in fine.stdout and "B minus A" in fine.stdout
