@@ -14,6 +14,11 @@ from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import sha256_file, sha256_text, write_json, write_jsonl
 from kmismatch_lite.sampling import GREEDY, Sampling
 
+# The versioned forms of a check's metrics.json (and --json) and of a comparison's compare.json.
+SCHEMA = "kmm-check/1"
+COMPARE_SCHEMA = "kmm-compare/1"
+EXIT_FAILED = 3  # a --fail-* gate failed; 1 stays bad input and 2 a usage error
+
 
 @dataclass
 class CheckResult:
@@ -35,11 +40,12 @@ def score(questions: Sequence[Question], outputs: Sequence[str]) -> tuple[list[d
 
 
 def answer(generator, template: prompts.PromptTemplate, questions: Sequence[Question],
-           progress: Callable[[int], None] | None = None, sampling: Sampling = GREEDY) -> list[str]:
+           progress: Callable[[int], None] | None = None, sampling: Sampling = GREEDY,
+           max_tokens: int = prompts.MAX_TOKENS) -> list[str]:
     """Answers (greedy, or sampled as `sampling` says) for the questions with the template,
     through any generator backend."""
     rendered = [template.render(q.question) for q in questions]
-    return generator.generate(rendered, max_tokens=prompts.MAX_TOKENS, stop=prompts.STOP, progress=progress,
+    return generator.generate(rendered, max_tokens=max_tokens, stop=prompts.STOP, progress=progress,
                               sampling=sampling)
 
 
@@ -55,7 +61,7 @@ def make_generator(backend: str, model: cards.Model, adapter: Path | None, seed:
 def evaluate(model: cards.Model, questions: Sequence[Question], template: prompts.PromptTemplate, *,
              backend: str = "llamacpp", adapter: Path | None = None, seed: int = 0,
              options: dict | None = None, progress_factory=None, label: str | None = None,
-             sampling: Sampling = GREEDY) -> CheckResult:
+             sampling: Sampling = GREEDY, max_tokens: int = prompts.MAX_TOKENS) -> CheckResult:
     """Answer `questions` with the model (and adapter) through a backend, then score them; the
     metrics record the sampling settings."""
     backend = generation_backend(model.served, backend)
@@ -64,9 +70,9 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
     try:
         if progress_factory:
             with progress_factory(f"{label or model.name} answering", len(questions)) as advance:
-                outputs = answer(gen, template, questions, advance, sampling)
+                outputs = answer(gen, template, questions, advance, sampling, max_tokens)
         else:
-            outputs = answer(gen, template, questions, sampling=sampling)
+            outputs = answer(gen, template, questions, sampling=sampling, max_tokens=max_tokens)
         info = gen.info()
     finally:
         gen.close()
@@ -85,6 +91,7 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
         "prompt_style": f"{template.shots}-shot" if template.shots else "zero-shot",
         "seed": seed,
         "sampling": sampling.describe(),
+        "max_tokens": max_tokens,
         "seconds": round(seconds, 3),
         "questions_per_second": round(len(questions) / seconds, 3) if seconds else None,
     }
@@ -104,24 +111,48 @@ def exemplars_for(qs: data.QuestionSet, split: str, seed: int) -> list[Question]
     return qs.exemplars
 
 
+def read_exemplars(spec: str) -> list[Question]:
+    """The user's own few-shot examples: a question file in any data-set format (`question`,
+    `answers`; the first answer is the one the prompt shows)."""
+    kind, rest = data.parse_spec(spec)
+    if kind not in data.LOCAL_KINDS or not rest:
+        raise KmmError(f"--exemplars takes a local question file (jsonl:PATH, csv:PATH, parquet:PATH), got '{spec}'")
+    found = data.load_file(Path(rest), kind)
+    if not found:
+        raise KmmError(f"exemplars file {rest} has no rows")
+    return found
+
+
 def check(model_spec: str, *, dataset: str = "geonames", split: str | None = None, limit: int | None = None,
           backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
           seed: int = 0, options: dict | None = None, out: Path | None = None,
-          progress_factory=None, temperature: float = 0.0) -> CheckResult:
+          progress_factory=None, temperature: float = 0.0, exemplars: str | None = None,
+          shots: int = prompts.N_SHOTS, max_tokens: int = prompts.MAX_TOKENS) -> CheckResult:
     """Run the check; `progress_factory(description, total)` gives a context yielding advance().
     `split` defaults to `default_split(dataset)`; a temperature above 0 samples the answers,
-    seeded by `seed`."""
+    seeded by `seed`. The few-shot prompt draws `shots` exemplars (seeded) from the `exemplars`
+    file, or from the data set's own exemplars; `max_tokens` caps each answer."""
+    if zero_shot and exemplars:
+        raise KmmError("--exemplars gives a few-shot prompt; drop --zero-shot")
+    if shots < 0 or max_tokens < 1:
+        raise KmmError("--shots must be >= 0 and --max-tokens >= 1")
     sampling = Sampling(temperature, seed)
     split = split or default_split(dataset)
+    own = read_exemplars(exemplars) if exemplars else None
     model = cards.resolve(model_spec)
     qs = data.load(dataset, seed=seed)
     questions = qs.split(split)[: limit or None]
     if not questions:
         raise KmmError(f"data set '{dataset}' has no questions in split '{split}'")
-    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(exemplars_for(qs, split, seed), seed=seed)
+    if own is not None and {q.question for q in own} & {q.question for q in questions}:
+        raise KmmError(f"the exemplars file {exemplars} shares questions with those being checked")
+    pool = own if own is not None else exemplars_for(qs, split, seed)
+    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(pool, k=shots, seed=seed)
     res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
-                   options=options, progress_factory=progress_factory, sampling=sampling)
-    res.metrics.update(dataset=dataset, split=split)
+                   options=options, progress_factory=progress_factory, sampling=sampling, max_tokens=max_tokens)
+    res.metrics.update(schema=SCHEMA, dataset=dataset, split=split, template=template.describe(),
+                       exemplars=exemplars, exemplars_sha256=sha256_file(data.parse_spec(exemplars)[1]) if exemplars
+                       else None)
     if out is not None:
         write_jsonl(Path(out) / "samples.jsonl", res.samples)
         write_json(Path(out) / "metrics.json", res.metrics)
@@ -130,9 +161,6 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str | None = Non
 
 # --- the CI contract: one JSON object, and a gate on the wrong-answer rate ---
 
-SCHEMA = "kmm-check/1"
-COMPARE_SCHEMA = "kmm-compare/1"
-EXIT_FAILED = 3  # the gate failed; 1 stays bad input and 2 a usage error
 
 
 def summary(res: CheckResult, fail_above: float | None = None) -> dict:
@@ -140,8 +168,9 @@ def summary(res: CheckResult, fail_above: float | None = None) -> dict:
     m = res.metrics
     keep = ("n", "correct", "wrong", "abstained", "correct_rate", "wrong_rate", "abstained_rate",
             "hallucination_rate", "precision", "exact_match", "exact_match_rate", "model", "model_sha256",
-            "adapter", "adapter_sha256", "dataset", "split", "prompt_style", "prompt_sha256", "seed", "sampling",
-            "backend", "seconds", "questions_per_second")
+            "adapter", "adapter_sha256", "dataset", "split", "prompt_style", "prompt_sha256", "template",
+            "exemplars", "exemplars_sha256", "seed", "sampling", "max_tokens", "backend", "seconds",
+            "questions_per_second")
     out = {"schema": SCHEMA, **{k: m[k] for k in keep if k in m}}
     if fail_above is not None:
         out.update(fail_above=fail_above, passed=m["wrong_rate"] <= fail_above)

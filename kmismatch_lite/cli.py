@@ -87,11 +87,15 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
               help="0: greedy; above 0: seeded temperature sampling, no top-k/top-p truncation.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write samples.jsonl and metrics.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option (repeatable).")
+@click.option("--exemplars", default=None, metavar="SPEC",
+              help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
+@click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
+@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--fail-above", type=click.FloatRange(0, 1), default=None, metavar="RATE",
               help="Exit with status 3 when the wrong-answer rate is above RATE (0-1).")
-def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, as_json,
-          fail_above) -> None:
+def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, exemplars,
+          shots, max_tokens, as_json, fail_above) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
     or hf:org/repo:file.gguf). Exit status: 0, 3 when --fail-above fails, 1 bad input, 2 usage."""
     from kmismatch_lite import check as check_mod, ui
@@ -103,7 +107,8 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, tempe
     split = split or check_mod.default_split(dataset)
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
                           adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts, out=out,
-                          progress_factory=ui.progress_bar, temperature=temperature)
+                          progress_factory=ui.progress_bar, temperature=temperature, exemplars=exemplars,
+                          shots=shots, max_tokens=max_tokens)
     m = res.metrics
     label = m["model"] + (" + adapter" if adapter else "")
     summary = check_mod.summary(res, fail_above)
@@ -153,11 +158,15 @@ def _gate(passed: bool | None, why: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write a/ and b/ (samples.jsonl, metrics.json) and compare.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option for both (repeatable).")
+@click.option("--exemplars", default=None, metavar="SPEC",
+              help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
+@click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
+@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
               help="Exit with status 3 when B's wrong-answer rate exceeds A's by more than POINTS points.")
 def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, adapter_b, zero_shot, seed, out,
-                options, as_json, fail_if_worse) -> None:
+                options, exemplars, shots, max_tokens, as_json, fail_if_worse) -> None:
     """Two models (or one, with and without --adapter-b) answer the same questions with the same
     prompt; then the paired test on their wrong answers, B minus A. Exit status: 0, 3 when
     --fail-if-worse fails, 1 bad input, 2 usage."""
@@ -172,7 +181,8 @@ def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, ada
         side_backend, opts = _generation_options(model, backend, options)
         results[side] = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=side_backend,
                                         adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts,
-                                        progress_factory=ui.progress_bar)
+                                        progress_factory=ui.progress_bar, exemplars=exemplars, shots=shots,
+                                        max_tokens=max_tokens)
     c = check_mod.compare(results["a"], results["b"], seed=seed)
     if fail_if_worse is not None:
         c.update(fail_if_worse=fail_if_worse, passed=100 * c["wrong_rate_difference"] <= fail_if_worse)
@@ -335,12 +345,15 @@ def pool_cmd(sources: tuple[Path, ...], out: Path, watch_dir: Path | None, every
 @cli.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def report_cmd(runs: tuple[Path, ...]) -> None:
-    """Print the results of RUN_DIR (pooled over seeds for a many-seed run), or compare two
-    single-seed run folders side by side."""
+    """Print the results of RUN_DIR (pooled over seeds for a many-seed run or a kmm pool folder;
+    the tally of a kmm check --out folder), or compare two single-seed run folders side by side."""
     from kmismatch_lite import report, ui
 
     if len(runs) > 2:
         raise KmmError("give one run folder, or two to compare")
+    if len(runs) == 1 and not (runs[0] / "results.json").is_file() and (runs[0] / "metrics.json").is_file():
+        _print_check_folder(runs[0])
+        return
     loaded = [report.load(r) for r in runs]
     if len(loaded) == 1 and "points" in loaded[0]:
         _print_pooled(loaded[0])
@@ -355,6 +368,21 @@ def report_cmd(runs: tuple[Path, ...]) -> None:
     if any("points" in r for r in loaded):
         raise KmmError("a many-cell run compares by its cell folders (RUN/seed-N/...), not as a whole")
     ui.table("comparison", ["figure", str(runs[0]), str(runs[1]), "change"], report.compare_rows(*loaded))
+
+
+def _print_check_folder(folder: Path) -> None:
+    """`kmm report` of a `kmm check --out` folder: its table, from metrics.json."""
+    from kmismatch_lite import check as check_mod, ui
+
+    try:
+        m = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise KmmError(f"{folder / 'metrics.json'} is not valid JSON") from None
+    if m.get("schema") != check_mod.SCHEMA:
+        raise KmmError(f"{folder} is not a kmm check folder of schema {check_mod.SCHEMA}")
+    label = m["model"] + (" + adapter" if m.get("adapter") else "")
+    ui.table(f"{folder}: {label} on {m['dataset']} ({m['split']} split), {m['prompt_style']}", ui.TALLY_COLUMNS,
+             ui.tally_rows({label: m}))
 
 
 def writable_folder(out: Path) -> Path:

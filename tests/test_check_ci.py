@@ -84,3 +84,42 @@ def test_compare_is_mcnemar_and_the_runners_comparison_and_gates_on_the_differen
     fine = run_kmm("compare", STUDENT, TEACHER, "-n", "40", "--fail-if-worse", str(points + 0.5))
     assert fine.returncode == 0, fine.stderr
     assert "McNemar exact" in fine.stdout and "B minus A" in fine.stdout
+
+
+def test_own_exemplars_shots_and_answer_length_reach_the_prompt_and_the_record(tmp_path):
+    exemplars = tmp_path / "ex.jsonl"
+    rows = [{"question": "What is 2 + 2?", "answers": ["4"]},
+            {"question": "What colour is the sky on a clear day?", "answers": ["Blue"]},
+            {"question": "How many legs has a spider?", "answers": ["Eight"]}]
+    exemplars.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "c"
+    proc = run_kmm("check", STUDENT, "-n", "6", "--exemplars", f"jsonl:{exemplars}", "--shots", "2",
+                   "--max-tokens", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    shown = [r for r in rows if f"Question: {r['question']}\nAnswer: {r['answers'][0]}\n\n" in m["template"]]
+    assert len(shown) == 2 and m["template"].count("Question:") == 3
+    assert m["template"].endswith("Question: {question}\nAnswer:") and m["prompt_style"] == "2-shot"
+    assert m["exemplars_sha256"] == hashlib.sha256(exemplars.read_bytes()).hexdigest()
+    assert m["max_tokens"] == 1 and m["schema"] == "kmm-check/1"
+    import llama_cpp
+
+    from kmismatch_lite import cards
+
+    vocab = llama_cpp.Llama(str(cards.resolve(STUDENT).gguf_path), vocab_only=True, verbose=False)
+    for row in _rows(out / "samples.jsonl"):
+        assert len(vocab.tokenize(row["output"].encode(), add_bos=False)) <= 1, row["output"]
+    shown_again = run_kmm("report", str(out))
+    assert shown_again.returncode == 0 and STUDENT in shown_again.stdout and "2-shot" in shown_again.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--zero-shot", "--exemplars", "jsonl:{ex}"), "drop --zero-shot"),
+    (("--exemplars", "geonames"), "--exemplars takes a local question file"),
+    (("--dataset", "jsonl:{ex}", "--exemplars", "jsonl:{ex}"), "shares questions"),
+])
+def test_bad_exemplars_are_one_line(tmp_path, args, says):
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text(json.dumps({"question": "What is 2 + 2?", "answers": ["4"]}) + "\n", encoding="utf-8")
+    proc = run_kmm("check", STUDENT, "-n", "2", *[a.format(ex=ex) for a in args])
+    assert proc.returncode == 1 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
