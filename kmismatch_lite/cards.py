@@ -16,7 +16,9 @@ from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = Path(os.environ.get("KMM_MODELS_DIR", ROOT / "models"))
+# The checkout's models/ folder, or, installed from a wheel, the copy inside the package.
+MODELS_DIR = Path(os.environ.get("KMM_MODELS_DIR") or next(
+    (d for d in (ROOT / "models", Path(__file__).resolve().parent / "bundled_cards") if d.is_dir()), ROOT / "models"))
 # Everything the project writes outside a run folder (assembled GGUFs, converted models).
 CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lite"))
 

@@ -13,7 +13,9 @@ from kmismatch_lite.plan import set_setting
 from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = ROOT / "recipes"
+# The checkout's recipes/ folder, or, installed from a wheel, the copy inside the package.
+RECIPES_DIR = next((d for d in (ROOT / "recipes", Path(__file__).resolve().parent / "bundled_recipes")
+                    if d.is_dir()), ROOT / "recipes")
 
 _LORA = LoraSettings.types()
 SCHEMA: dict[str, Any] = {
