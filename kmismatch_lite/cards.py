@@ -28,7 +28,9 @@ CARD_KEYS = {
     "name": str, "family": str, "params": str, "license": str, "prompt_style": str,
     "description": str, "gguf": _SOURCE_KEYS, "hf": {"repo": str}, "mlx": {"repo": str},
 }
-PROMPT_STYLES = ("base", "chat")
+# "base": the protocol's `Question: ... Answer:` text prompt, the only one the backends apply. A card
+# asking for its chat template is refused rather than silently prompted as a base model.
+PROMPT_STYLES = ("base",)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def parse_card(path: Path) -> Card:
         if key not in raw:
             raise KmmError(f"{path}: missing key '{key}'")
     if raw.get("prompt_style", "base") not in PROMPT_STYLES:
-        raise KmmError(f"{path}: 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}")
+        raise KmmError(f"{path}: 'prompt_style' must be one of {', '.join(PROMPT_STYLES)} (chat templates are "
+                       f"not applied by any backend yet)")
     g = raw["gguf"]
     kinds = [k for k in ("package", "path", "hf_repo") if k in g]
     if len(kinds) != 1:
