@@ -91,16 +91,19 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
               help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
 @click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
+@click.option("--deterministic", is_flag=True,
+              help="Answers that do not depend on the other questions or their order: one at a time, each "
+                   "from an empty cache (llamacpp; slower).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--fail-above", type=click.FloatRange(0, 1), default=None, metavar="RATE",
               help="Exit with status 3 when the wrong-answer rate is above RATE (0-1).")
 def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, exemplars,
-          shots, max_tokens, as_json, fail_above) -> None:
+          shots, max_tokens, deterministic, as_json, fail_above) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
     or hf:org/repo:file.gguf). Exit status: 0, 3 when --fail-above fails, 1 bad input, 2 usage."""
     from kmismatch_lite import check as check_mod, ui
 
-    backend, opts = _generation_options(model, backend, options)
+    backend, opts = _generation_options(model, backend, options, deterministic)
     if out is not None:
         writable_folder(out)
     t0 = time.perf_counter()
@@ -125,13 +128,20 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, tempe
           if fail_above is not None else "")
 
 
-def _generation_options(model: str, backend: str, options: tuple[str, ...]) -> tuple[str, dict]:
-    """The backend that will answer MODEL (a served model's server) and its -o options, typed."""
+def _generation_options(model: str, backend: str, options: tuple[str, ...],
+                        deterministic: bool = False) -> tuple[str, dict]:
+    """The backend that will answer MODEL (a served model's server) and its -o options, typed;
+    --deterministic adds the llamacpp backend's parallel=1 and fresh=true."""
     from kmismatch_lite import cards, check as check_mod
     from kmismatch_lite.backends import generator_options, parse_options
 
     backend = check_mod.generation_backend(cards.is_served(model), backend)
-    return backend, parse_options(options, generator_options(backend), backend)
+    opts = parse_options(options, generator_options(backend), backend)
+    if deterministic:
+        if backend != "llamacpp":
+            raise KmmError(f"--deterministic is for the llamacpp backend, not {backend}")
+        opts.update(parallel=1, fresh=True)
+    return backend, opts
 
 
 def _gate(passed: bool | None, why: str) -> None:
@@ -162,11 +172,13 @@ def _gate(passed: bool | None, why: str) -> None:
               help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
 @click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
+@click.option("--deterministic", is_flag=True,
+              help="Answers that do not depend on the other questions or their order (llamacpp; slower).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
               help="Exit with status 3 when B's wrong-answer rate exceeds A's by more than POINTS points.")
 def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, adapter_b, zero_shot, seed, out,
-                options, exemplars, shots, max_tokens, as_json, fail_if_worse) -> None:
+                options, exemplars, shots, max_tokens, deterministic, as_json, fail_if_worse) -> None:
     """Two models (or one, with and without --adapter-b) answer the same questions with the same
     prompt; then the paired test on their wrong answers, B minus A. Exit status: 0, 3 when
     --fail-if-worse fails, 1 bad input, 2 usage."""
@@ -178,7 +190,7 @@ def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, ada
     split = split or check_mod.default_split(dataset)
     results = {}
     for side, model, adapter in (("a", model_a, adapter_a), ("b", model_b, adapter_b)):
-        side_backend, opts = _generation_options(model, backend, options)
+        side_backend, opts = _generation_options(model, backend, options, deterministic)
         results[side] = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=side_backend,
                                         adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts,
                                         progress_factory=ui.progress_bar, exemplars=exemplars, shots=shots,

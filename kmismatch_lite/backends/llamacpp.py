@@ -25,7 +25,7 @@ from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.sampling import GREEDY, Sampling
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
-           "exact": bool}
+           "exact": bool, "fresh": bool}
 
 # Greedy answers decoded at once on the CPU (llamacpp_batch's fast mode). Measured on a 2-core
 # CPU (bench/check_speed.py, 200 questions, 3-shot): 1.84x (SmolLM2) and 1.93x (Gemma 3) the
@@ -58,9 +58,18 @@ class LlamaCppGenerator:
 
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
-                 lora_scale: float = 1.0, parallel: int | None = None, exact: bool = False):
+                 lora_scale: float = 1.0, parallel: int | None = None, exact: bool = False,
+                 fresh: bool = False):
         if parallel is not None and parallel < 1:
             raise KmmError(f"parallel must be at least 1 (got {parallel})")
+        if fresh and parallel not in (None, 1):
+            raise KmmError("fresh=true answers one prompt at a time: it takes parallel=1")
+        # fresh: every prompt from an empty cache, alone, so an answer never depends on the other
+        # questions, their order or which cells a previous prompt left (K-quant matmuls round with
+        # the rows in a call).
+        self.fresh = fresh
+        if fresh:
+            parallel = 1
         if adapter is not None:
             from kmismatch_lite.export_gguf import check_adapter
 
@@ -104,14 +113,14 @@ class LlamaCppGenerator:
 
         return {"backend": self.name, "llama_cpp_python": llama_cpp.__version__,
                 "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None,
-                "parallel": self.parallel, "exact": self.exact}
+                "parallel": self.parallel, "exact": self.exact, "fresh": self.fresh}
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
 
     def _eval_prompt(self, tokens: list[int]) -> None:
         # Keep the cached tokens shared with this prompt; evaluate only the rest.
-        keep = common_length(self._cached, tokens[:-1])
+        keep = 0 if self.fresh else common_length(self._cached, tokens[:-1])
         self.llm.n_tokens = keep
         self.llm.eval(tokens[keep:])
         self._cached = list(tokens)
