@@ -6,8 +6,8 @@ self, teacher, base_teacher) -> report; a recipe's `[design]` adds the mismatch-
 fine-tune and an evaluation per dose, SliCK's greedy and sampled evaluations, and an evaluation of each
 fine-tune's saved epochs. Each stage writes its folder atomically with a `stage.json` holding a
 key over its inputs and the code that computes them (fingerprint.py); a stage whose key is
-unchanged is reused, and a stage that several cells
-share runs once. With several seeds, the report pools them (report.py, stats.py).
+unchanged is reused, and a stage that several cells share runs once. With several seeds, the
+report pools them (report.py, stats.py); every cell also writes its hand-in (handin.py).
 """
 
 from __future__ import annotations
