@@ -351,7 +351,8 @@ def pool_cmd(sources: tuple[Path, ...], out: Path, watch_dir: Path | None, every
     res = pool.pool(list(sources), writable_folder(out))
     _print_pooled(res)
     ui.out.print(f"report: {out / 'report.md'} (and report.html)")
-    ui.summary(f"pooled {len(res['cells'])} seeds from {len(sources)} sources into {out}")
+    n, k = len(res["cells"]), len(sources)
+    ui.summary(f"pooled {n} seed{'s' * (n != 1)} from {k} source{'s' * (k != 1)} into {out}")
 
 
 @cli.command("report")
