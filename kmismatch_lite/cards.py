@@ -28,9 +28,9 @@ CARD_KEYS = {
     "name": str, "family": str, "params": str, "license": str, "prompt_style": str,
     "description": str, "gguf": _SOURCE_KEYS, "hf": {"repo": str}, "mlx": {"repo": str},
 }
-# "base": the protocol's `Question: ... Answer:` text prompt, the only one the backends apply. A card
-# asking for its chat template is refused rather than silently prompted as a base model.
-PROMPT_STYLES = ("base",)
+# "base": the protocol's `Question: ... Answer:` text prompt; "chat": `kmm check` applies the model's
+# own chat template (llama.cpp), as --chat does. `kmm run` prompts every model as a base model.
+PROMPT_STYLES = ("base", "chat")
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def parse_card(path: Path) -> Card:
         if key not in raw:
             raise KmmError(f"{path}: missing key '{key}'")
     if raw.get("prompt_style", "base") not in PROMPT_STYLES:
-        raise KmmError(f"{path}: 'prompt_style' must be one of {', '.join(PROMPT_STYLES)} (chat templates are "
-                       f"not applied by any backend yet)")
+        raise KmmError(f"{path}: 'prompt_style' must be one of {', '.join(PROMPT_STYLES)}")
     g = raw["gguf"]
     kinds = [k for k in ("package", "path", "hf_repo") if k in g]
     if len(kinds) != 1:

@@ -88,7 +88,8 @@ def evaluate(model: cards.Model, questions: Sequence[Question], template: prompt
         "backend": info,
         "prompt": template.describe(),
         "prompt_sha256": sha256_text(template.describe()),
-        "prompt_style": f"{template.shots}-shot" if template.shots else "zero-shot",
+        "prompt_style": (f"{template.shots}-shot" if template.shots else "zero-shot")
+                        + (" chat" if isinstance(template, prompts.ChatPromptTemplate) else ""),
         "seed": seed,
         "sampling": sampling.describe(),
         "max_tokens": max_tokens,
@@ -123,15 +124,25 @@ def read_exemplars(spec: str) -> list[Question]:
     return found
 
 
+def chat_template(model: cards.Model, backend: str, exemplars: Sequence[Question]) -> prompts.ChatPromptTemplate:
+    """The chat prompt: the model's own template (llama.cpp backend only), exemplars as earlier turns."""
+    if backend != "llamacpp":
+        raise KmmError(f"chat prompts are applied by the llamacpp backend, not {backend}")
+    from kmismatch_lite.backends.llamacpp import chat_formatter
+
+    return prompts.ChatPromptTemplate(chat_formatter(model), tuple((q.question, q.answers[0]) for q in exemplars))
+
+
 def check(model_spec: str, *, dataset: str = "geonames", split: str | None = None, limit: int | None = None,
           backend: str = "llamacpp", adapter: Path | None = None, zero_shot: bool = False,
           seed: int = 0, options: dict | None = None, out: Path | None = None,
           progress_factory=None, temperature: float = 0.0, exemplars: str | None = None,
-          shots: int = prompts.N_SHOTS, max_tokens: int = prompts.MAX_TOKENS) -> CheckResult:
+          shots: int = prompts.N_SHOTS, max_tokens: int = prompts.MAX_TOKENS, chat: bool = False) -> CheckResult:
     """Run the check; `progress_factory(description, total)` gives a context yielding advance().
     `split` defaults to `default_split(dataset)`; a temperature above 0 samples the answers,
     seeded by `seed`. The few-shot prompt draws `shots` exemplars (seeded) from the `exemplars`
-    file, or from the data set's own exemplars; `max_tokens` caps each answer."""
+    file, or from the data set's own exemplars; `max_tokens` caps each answer. `chat` (or the
+    card's `prompt_style = "chat"`) puts them through the model's own chat template instead."""
     if zero_shot and exemplars:
         raise KmmError("--exemplars gives a few-shot prompt; drop --zero-shot")
     if shots < 0 or max_tokens < 1:
@@ -147,7 +158,11 @@ def check(model_spec: str, *, dataset: str = "geonames", split: str | None = Non
     if own is not None and {q.question for q in own} & {q.question for q in questions}:
         raise KmmError(f"the exemplars file {exemplars} shares questions with those being checked")
     pool = own if own is not None else exemplars_for(qs, split, seed)
-    template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(pool, k=shots, seed=seed)
+    if chat or model.prompt_style == "chat":
+        template = chat_template(model, backend, [] if zero_shot else prompts.draw(pool, shots, seed))
+        options = {**(options or {}), "special": True}
+    else:
+        template = prompts.PromptTemplate() if zero_shot else prompts.few_shot(pool, k=shots, seed=seed)
     res = evaluate(model, questions, template, backend=backend, adapter=adapter, seed=seed,
                    options=options, progress_factory=progress_factory, sampling=sampling, max_tokens=max_tokens)
     res.metrics.update(schema=SCHEMA, dataset=dataset, split=split, template=template.describe(),

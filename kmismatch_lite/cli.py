@@ -91,6 +91,7 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
               help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
 @click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
+@click.option("--chat", is_flag=True, help="The model's own chat template (llamacpp), exemplars as earlier turns.")
 @click.option("--deterministic", is_flag=True,
               help="Answers that do not depend on the other questions or their order: one at a time, each "
                    "from an empty cache (llamacpp; slower).")
@@ -98,7 +99,7 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
 @click.option("--fail-above", type=click.FloatRange(0, 1), default=None, metavar="RATE",
               help="Exit with status 3 when the wrong-answer rate is above RATE (0-1).")
 def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, exemplars,
-          shots, max_tokens, deterministic, as_json, fail_above) -> None:
+          shots, max_tokens, chat, deterministic, as_json, fail_above) -> None:
     """Measure how often MODEL answers right, wrong, or abstains (a card name, a .gguf path,
     or hf:org/repo:file.gguf). Exit status: 0, 3 when --fail-above fails, 1 bad input, 2 usage."""
     from kmismatch_lite import check as check_mod, ui
@@ -111,7 +112,7 @@ def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, tempe
     res = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=backend,
                           adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts, out=out,
                           progress_factory=ui.progress_bar, temperature=temperature, exemplars=exemplars,
-                          shots=shots, max_tokens=max_tokens)
+                          shots=shots, max_tokens=max_tokens, chat=chat)
     m = res.metrics
     label = m["model"] + (" + adapter" if adapter else "")
     summary = check_mod.summary(res, fail_above)
@@ -172,13 +173,14 @@ def _gate(passed: bool | None, why: str) -> None:
               help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
 @click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
+@click.option("--chat", is_flag=True, help="The model's own chat template (llamacpp), exemplars as earlier turns.")
 @click.option("--deterministic", is_flag=True,
               help="Answers that do not depend on the other questions or their order (llamacpp; slower).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
               help="Exit with status 3 when B's wrong-answer rate exceeds A's by more than POINTS points.")
 def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, adapter_b, zero_shot, seed, out,
-                options, exemplars, shots, max_tokens, deterministic, as_json, fail_if_worse) -> None:
+                options, exemplars, shots, max_tokens, chat, deterministic, as_json, fail_if_worse) -> None:
     """Two models (or one, with and without --adapter-b) answer the same questions with the same
     prompt; then the paired test on their wrong answers, B minus A. Exit status: 0, 3 when
     --fail-if-worse fails, 1 bad input, 2 usage."""
@@ -194,7 +196,7 @@ def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, ada
         results[side] = check_mod.check(model, dataset=dataset, split=split, limit=limit, backend=side_backend,
                                         adapter=adapter, zero_shot=zero_shot, seed=seed, options=opts,
                                         progress_factory=ui.progress_bar, exemplars=exemplars, shots=shots,
-                                        max_tokens=max_tokens)
+                                        max_tokens=max_tokens, chat=chat)
     c = check_mod.compare(results["a"], results["b"], seed=seed)
     if fail_if_worse is not None:
         c.update(fail_if_worse=fail_if_worse, passed=100 * c["wrong_rate_difference"] <= fail_if_worse)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kmismatch_lite.data import Question
 
@@ -41,16 +41,45 @@ class PromptTemplate:
         return self.render("{question}")
 
 
+def draw(exemplars: Sequence[Question], k: int = N_SHOTS, seed: int = 0) -> list[Question]:
+    """`k` exemplars (all, if fewer), drawn once with the seed from the set sorted by id."""
+    if k <= 0:
+        return []
+    pool = sorted(exemplars, key=lambda q: q.id)
+    return random.Random(seed).sample(pool, min(k, len(pool)))
+
+
 def few_shot(exemplars: Sequence[Question], k: int = N_SHOTS, seed: int = 0) -> PromptTemplate:
     """Draw `k` exemplars once, with the seed, and fix them as the prefix."""
-    if k <= 0:
-        return PromptTemplate()
-    pool = sorted(exemplars, key=lambda q: q.id)
-    if len(pool) < k:
-        k = len(pool)
-    chosen = random.Random(seed).sample(pool, k)
+    chosen = draw(exemplars, k, seed)
     prefix = "".join(zero_shot(q.question) + target_text(q.answers[0]) + "\n" for q in chosen)
     return PromptTemplate(prefix)
+
+
+@dataclass(frozen=True)
+class ChatPromptTemplate:
+    """The model's own chat template: each exemplar a user turn (its question) and an assistant
+    turn (its answer), then the question as the last user turn. `format` renders the messages as
+    the backend renders them (backends/llamacpp.py: chat_formatter)."""
+
+    format: Callable[[list[dict]], str]
+    exemplars: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def shots(self) -> int:
+        return len(self.exemplars)
+
+    def messages(self, question: str) -> list[dict]:
+        turns = []
+        for q, a in self.exemplars:
+            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return turns + [{"role": "user", "content": question}]
+
+    def render(self, question: str) -> str:
+        return self.format(self.messages(question))
+
+    def describe(self) -> str:
+        return self.render("{question}")
 
 
 def clean_output(text: str, stop: Sequence[str] = tuple(STOP)) -> str:

@@ -201,6 +201,10 @@ def _check_cell(recipe: dict, where: str) -> None:
             raise KmmError(f"{where}: missing key 'models.{role}'")
         if not (spec.endswith(".gguf") or spec.startswith("hf:") or cards.is_served(spec) or spec in cards.cards()):
             raise KmmError(f"{where}: models.{role}: unknown model '{spec}'")
+        card = cards.cards().get(spec)
+        if card is not None and card.prompt_style != "base":
+            raise KmmError(f"{where}: models.{role}: card '{spec}' asks for {card.prompt_style} prompts, but kmm run "
+                           f"prompts every model with the protocol's base prompt (prompt_style = \"base\")")
     kind, rest = data.parse_spec(recipe["data"]["dataset"])
     if kind not in ("geonames", "triviaqa", "popqa", "jsonl", "csv", "parquet"):
         raise KmmError(f"{where}: data.dataset: unknown data set '{recipe['data']['dataset']}'")

@@ -123,3 +123,68 @@ def test_bad_exemplars_are_one_line(tmp_path, args, says):
     ex.write_text(json.dumps({"question": "What is 2 + 2?", "answers": ["4"]}) + "\n", encoding="utf-8")
     proc = run_kmm("check", STUDENT, "-n", "2", *[a.format(ex=ex) for a in args])
     assert proc.returncode == 1 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _jinja_render(template: str, messages: list[dict], bos: str, eos: str) -> str:
+    """The chat template rendered as Hugging Face's tokenizers render it: jinja2's sandbox,
+    trimmed blocks, a generation prompt."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, bos_token=bos, eos_token=eos,
+                                            add_generation_prompt=True)
+
+
+def test_chat_prompts_are_the_models_own_template_with_turn_markers_as_tokens(tmp_path):
+    import llama_cpp
+
+    from kmismatch_lite import cards, data, prompts
+    from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
+
+    out = tmp_path / "c"
+    proc = run_kmm("check", STUDENT, "-n", "5", "--chat", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    model = cards.resolve(STUDENT)
+    vocab = llama_cpp.Llama(str(model.gguf_path), vocab_only=True, verbose=False)
+    template = vocab.metadata["tokenizer.chat_template"]
+    turns = []
+    for q in prompts.draw(data.load("geonames", seed=0).exemplars, 3, 0):
+        turns += [{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answers[0]}]
+    turns.append({"role": "user", "content": "{question}"})
+    assert m["template"] == _jinja_render(template, turns, "<|im_start|>", "<|im_end|>")
+    assert m["prompt_style"] == "3-shot chat" and m["backend"]["special"] is True
+
+    marker = vocab.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    assert len(marker) == 1
+    prompt = m["template"].replace("{question}", "What is the capital of France?")
+    gen = LlamaCppGenerator(model, special=True, parallel=1)
+    try:
+        assert gen._tokens(prompt, 16).count(marker[0]) == 9      # system, 3 x 2 exemplar turns, question, reply
+    finally:
+        gen.close()
+    plain = vocab.tokenize(prompt.encode(), add_bos=True, special=False)
+    assert marker[0] not in plain
+
+
+def test_chat_needs_a_template_and_a_chat_card_is_used_by_check_and_refused_by_run(tmp_path):
+    gemma = run_kmm("check", TEACHER, "-n", "2", "--chat")
+    assert gemma.returncode == 1 and "has no chat template" in gemma.stderr
+    assert len(gemma.stderr.strip().splitlines()) == 1
+
+    from conftest import REPO
+
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    for name in (STUDENT, TEACHER):
+        text = (REPO / "models" / f"{name}.toml").read_text(encoding="utf-8")
+        if name == STUDENT:
+            text = text.replace('prompt_style = "base"', 'prompt_style = "chat"')
+        (folder / f"{name}.toml").write_text(text, encoding="utf-8")
+    env = {"KMM_MODELS_DIR": str(folder)}
+    out = tmp_path / "c"
+    checked = run_kmm("check", STUDENT, "-n", "3", "--out", str(out), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["prompt_style"] == "3-shot chat"
+    ran = run_kmm("run", "smoke", "--out", str(tmp_path / "run"), env=env, cwd=tmp_path)
+    assert ran.returncode == 1 and "asks for chat prompts" in ran.stderr and not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ from kmismatch_lite.errors import KmmError, missing_extra
 from kmismatch_lite.sampling import GREEDY, Sampling
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
-           "exact": bool, "fresh": bool}
+           "exact": bool, "fresh": bool, "special": bool}
 
 # Greedy answers decoded at once on the CPU (llamacpp_batch's fast mode). Measured on a 2-core
 # CPU (bench/check_speed.py, 200 questions, 3-shot): 1.84x (SmolLM2) and 1.93x (Gemma 3) the
@@ -59,7 +59,7 @@ class LlamaCppGenerator:
     def __init__(self, model: Model, *, adapter: Path | None = None, seed: int = 0,
                  n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None,
                  lora_scale: float = 1.0, parallel: int | None = None, exact: bool = False,
-                 fresh: bool = False):
+                 fresh: bool = False, special: bool = False):
         if parallel is not None and parallel < 1:
             raise KmmError(f"parallel must be at least 1 (got {parallel})")
         if fresh and parallel not in (None, 1):
@@ -68,6 +68,8 @@ class LlamaCppGenerator:
         # questions, their order or which cells a previous prompt left (K-quant matmuls round with
         # the rows in a call).
         self.fresh = fresh
+        # special: the prompt's special-token texts (a chat template's turn markers) are tokens.
+        self.special = special
         if fresh:
             parallel = 1
         if adapter is not None:
@@ -113,7 +115,7 @@ class LlamaCppGenerator:
 
         return {"backend": self.name, "llama_cpp_python": llama_cpp.__version__,
                 "model": str(self.model.gguf_path), "adapter": str(self.adapter) if self.adapter else None,
-                "parallel": self.parallel, "exact": self.exact, "fresh": self.fresh}
+                "parallel": self.parallel, "exact": self.exact, "fresh": self.fresh, "special": self.special}
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -127,7 +129,7 @@ class LlamaCppGenerator:
 
     def _tokens(self, prompt: str, max_tokens: int) -> list[int]:
         """The prompt's tokens; an error if they and the answer do not fit the context."""
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=self.special)
         if len(tokens) + max_tokens > self.llm.n_ctx():
             raise KmmError(f"prompt of {len(tokens)} tokens does not fit the context of {self.llm.n_ctx()}")
         return tokens
@@ -158,6 +160,32 @@ class LlamaCppGenerator:
             return answer_each(self._complete, prompts, max_tokens, stop, progress, sampling)
         token_lists = [self._tokens(p, max_tokens) for p in prompts]
         return self._batched.generate(token_lists, max_tokens, stop, self._eos, progress)
+
+
+def chat_formatter(model: Model):
+    """The model's own chat template (its GGUF's `tokenizer.chat_template`) as llama-cpp-python
+    renders it: messages in, the prompt text out. Where the tokenizer adds the BOS token itself,
+    a BOS text the template writes first is left to it, so the prompt never starts with two."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    check_gguf(Path(model.gguf_path), "model")
+    llm = _quiet_llama(model_path=str(model.gguf_path), vocab_only=True)
+    try:
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise KmmError(f"{model.name}: its GGUF has no chat template (tokenizer.chat_template); "
+                           f"use the base prompt")
+        bos, eos = (llm._model.token_get_text(t) for t in (llm.token_bos(), llm.token_eos()))
+        adds_bos = bool(llm.tokenize(b"", add_bos=True, special=True))
+    finally:
+        llm.close()
+    render = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+
+    def format_messages(messages: list[dict]) -> str:
+        prompt = render(messages=messages).prompt
+        return prompt[len(bos):] if adds_bos and bos and prompt.startswith(bos) else prompt
+
+    return format_messages
 
 
 def _load_lora(llm, adapter: Path):
