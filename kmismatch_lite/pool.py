@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from kmismatch_lite import handin, plan as planning
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.io import atomic_dir, write_json, write_text
+from kmismatch_lite.io import atomic_dir, write_json
 
 MARKER = "pool.json"
 
@@ -131,7 +131,7 @@ def write(handins: list[HandIn], out: Path) -> dict:
             report.write(tmp / folder, h.body["results"], h.body["samples"])
             if h.body.get("categories") is not None:
                 write_json(tmp / folder / "categories.json", h.body["categories"])
-            write_text(tmp / folder / h.path.name, h.path.read_text(encoding="utf-8"))
+            handin.write(tmp / folder / h.path.name, h.body)  # the body as checked, not the file re-read
             cells.append(planning.Cell(h.seed, {}, folder, h.body["recipe"], {}))
             results.append(h.body["results"])
         the_plan = planning.Plan(cells, [h.seed for h in handins], {}, True)
