@@ -106,8 +106,9 @@ def _reads(setting: str, key: str) -> bool:
 
 
 def _name(key: str, value: Any) -> str:
-    # Values can hold '/' (a file path) or spaces; quoting keeps one folder per value, readable.
-    return quote(f"{key}={value}", safe="=:.,-_+@")
+    # Values can hold '/' (a file path), ':' (a data set spec; no folder name on Windows may) or
+    # spaces; quoting keeps one folder per value, readable, on every system.
+    return quote(f"{key}={value}", safe="=.,-_+@")
 
 
 def design_stages(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:

@@ -96,7 +96,7 @@ def _get(recipe, key):
 
 def test_folder_names_quote_values_that_are_paths():
     p = plan.build({**recipes.load("smoke"), "sweep": {"data.dataset": ["jsonl:/tmp/a b.jsonl", "geonames"]}})
-    assert p.cells[0].stages["data"].folder == "seed-0/data.dataset=jsonl:%2Ftmp%2Fa%20b.jsonl/data"
+    assert p.cells[0].stages["data"].folder == "seed-0/data.dataset=jsonl%3A%2Ftmp%2Fa%20b.jsonl/data"
 
 
 @pytest.mark.parametrize("settings", [(), ("seeds=3,1",), ("sweep.finetune.lora.rank=4,8",)])
@@ -125,3 +125,12 @@ def test_the_runner_computes_a_shared_stage_once_and_reuses_it_on_rerun(tmp_path
     assert len(calls) == len(p.stages()) and again.ran == [] and len(again.reused) == len(p.stages())
     with pytest.raises(RuntimeError, match="two sets of inputs"):
         again.stage(p.cells[0].stages["data"], {"stage": "something else"}, lambda tmp: None)
+
+
+def test_grid_folder_names_are_valid_on_windows_too():
+    p = build("sweep.data.dataset=geonames:cities=50,geonames:cities=60")
+    forbidden = set('<>:"|?*\\')
+    for stage in p.stages():
+        for part in stage.folder.split("/"):
+            assert not forbidden & set(part), part
+    assert "seed-0/data.dataset=geonames%3Acities=50/data" in {s.folder for s in p.stages()}
