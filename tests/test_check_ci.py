@@ -188,3 +188,12 @@ def test_chat_needs_a_template_and_a_chat_card_is_used_by_check_and_refused_by_r
     assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["prompt_style"] == "3-shot chat"
     ran = run_kmm("run", "smoke", "--out", str(tmp_path / "run"), env=env, cwd=tmp_path)
     assert ran.returncode == 1 and "asks for chat prompts" in ran.stderr and not (tmp_path / "run").exists()
+
+
+def test_deterministic_answers_one_at_a_time_from_an_empty_cache(tmp_path):
+    proc = run_kmm("check", TEACHER, "-n", "5", "--deterministic", "--json")
+    assert proc.returncode == 0, proc.stderr
+    backend = json.loads(proc.stdout)["backend"]
+    assert backend["parallel"] == 1 and backend["fresh"] is True
+    served = run_kmm("check", STUDENT, "-n", "2", "--deterministic", "--backend", "mlx")
+    assert served.returncode == 1 and "--deterministic is for the llamacpp backend" in served.stderr
