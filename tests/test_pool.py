@@ -208,9 +208,12 @@ def test_kmm_pool_watch_on_the_command_line(runs, tmp_path):
     drop, out = tmp_path / "class", tmp_path / "screen"
     drop.mkdir()
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    # Ctrl-C as at a terminal: a job started in the background (as a CI runner may start this
+    # suite) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "kmismatch_lite", "pool", "--watch", str(drop), "--out", str(out),
                              "--every", "0.2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for i, src in enumerate([runs["a"] / "kmm-handin-smoke-seed-0.json",
                                  runs["b"] / "seed-1" / "kmm-handin-smoke-seed-1.json"], start=1):
