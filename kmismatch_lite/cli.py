@@ -71,6 +71,25 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
         ui.table(f"{s}: first {len(rows)} rows", ["id", "question", "answers", "popularity"], rows)
 
 
+def _answer_options(command):
+    """The prompt, answer-length, determinism and output options `kmm check` and `kmm compare` share."""
+    for option in reversed([
+        click.option("--exemplars", default=None, metavar="SPEC",
+                     help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH)."),
+        click.option("--shots", type=click.IntRange(0), default=3, show_default=True,
+                     help="Few-shot examples in the prompt."),
+        click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True,
+                     help="Tokens per answer, at most."),
+        click.option("--chat", is_flag=True, help="The model's own chat template (llamacpp), exemplars as earlier turns."),
+        click.option("--deterministic", is_flag=True,
+                     help="Answers that do not depend on the other questions or their order: one at a time, "
+                          "each from an empty cache (llamacpp; slower)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table."),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--dataset", "-d", default="geonames", show_default=True, help="Question set SPEC.")
@@ -87,15 +106,7 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
               help="0: greedy; above 0: seeded temperature sampling, no top-k/top-p truncation.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write samples.jsonl and metrics.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option (repeatable).")
-@click.option("--exemplars", default=None, metavar="SPEC",
-              help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
-@click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
-@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
-@click.option("--chat", is_flag=True, help="The model's own chat template (llamacpp), exemplars as earlier turns.")
-@click.option("--deterministic", is_flag=True,
-              help="Answers that do not depend on the other questions or their order: one at a time, each "
-                   "from an empty cache (llamacpp; slower).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@_answer_options
 @click.option("--fail-above", type=click.FloatRange(0, 1), default=None, metavar="RATE",
               help="Exit with status 3 when the wrong-answer rate is above RATE (0-1).")
 def check(model, dataset, split, limit, backend, adapter, zero_shot, seed, temperature, out, options, exemplars,
@@ -169,14 +180,7 @@ def _gate(passed: bool | None, why: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write a/ and b/ (samples.jsonl, metrics.json) and compare.json here.")
 @click.option("-o", "options", multiple=True, metavar="KEY=VALUE", help="Backend option for both (repeatable).")
-@click.option("--exemplars", default=None, metavar="SPEC",
-              help="Your own few-shot examples: a question file (jsonl:PATH, csv:PATH, parquet:PATH).")
-@click.option("--shots", type=click.IntRange(0), default=3, show_default=True, help="Few-shot examples in the prompt.")
-@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True, help="Tokens per answer, at most.")
-@click.option("--chat", is_flag=True, help="The model's own chat template (llamacpp), exemplars as earlier turns.")
-@click.option("--deterministic", is_flag=True,
-              help="Answers that do not depend on the other questions or their order (llamacpp; slower).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@_answer_options
 @click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
               help="Exit with status 3 when B's wrong-answer rate exceeds A's by more than POINTS points.")
 def compare_cmd(model_a, model_b, dataset, split, limit, backend, adapter_a, adapter_b, zero_shot, seed, out,
