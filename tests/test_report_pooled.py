@@ -2,6 +2,7 @@
 cell and the pooled comparison per grid point, report.md leads with the pooled sentence, and the
 forest plot and `kmm report RUN` show it."""
 
+import importlib.util
 import json
 import random
 from types import SimpleNamespace
@@ -35,7 +36,19 @@ def _evaluated(seed: int) -> dict:
 
 
 @pytest.fixture
-def pooled_run(tmp_path):
+def drawn():
+    """The figures the test saves, by path (none without matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        yield {}
+        return
+    from test_figures import figures_drawn
+
+    with figures_drawn() as saved:
+        yield saved
+
+
+@pytest.fixture
+def pooled_run(tmp_path, drawn):
     recipe = recipes.load("smoke", ["seeds=0,1,2,3", "sweep.report.bootstrap=500,600"])
     the_plan = plan.build(recipe)
     models = {r: SimpleNamespace(name=recipe["models"][r]) for r in ("student", "teacher")}
@@ -76,7 +89,10 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_report_leads_with_the_pooled_sentence_then_a_table_per_seed(pooled_run):
+def test_report_leads_with_the_pooled_sentence_then_a_table_per_seed(pooled_run, drawn):
+    from test_figures import assert_forest
+    from test_headline_run import per_seed_effects, random_effects_by_wls
+
     out, res, _ = pooled_run
     text = (out / "report.md").read_text()
     result = text.split("## Result\n", 1)[1]
@@ -86,7 +102,20 @@ def test_report_leads_with_the_pooled_sentence_then_a_table_per_seed(pooled_run)
     for seed in range(4):
         assert f"| seed {seed} |" in text
     assert "| random effects |" in text and "Cochran's Q" in text and "I²" in text
-    assert "forest.png" in text and (out / "forest.png").stat().st_size > 1000
+    assert "forest.png" in text
+    # one figure for the whole run: per grid point, each seed's difference and interval, then the
+    # pooled diamond (the seeds' verdicts are the same at both points)
+    groups = []
+    for entry in res["points"]:
+        cells = [c for c in res["cells"] if c["point"] == entry["point"]]
+        verdicts = [tuple([r["verdict"] for r in _read(out / c["folder"] / "samples" / f"{cond}.jsonl")]
+                          for cond in ("teacher", "self")) for c in cells]
+        d, v = per_seed_effects(verdicts)
+        hand = random_effects_by_wls(d, v)
+        groups.append((f"report.bootstrap={entry['point']['report.bootstrap']}: ",
+                       [(f"seed {c['seed']}", d[i], c["hypothesis"]["bootstrap_95ci"]) for i, c in enumerate(cells)],
+                       (hand["estimate"], *hand["ci"])))
+    assert_forest(drawn[out / "forest.png"], groups)
 
 
 def test_pooled_sentence_says_what_the_interval_allows():
