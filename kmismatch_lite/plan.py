@@ -10,57 +10,45 @@ results beside them). With `seeds` or a `[sweep]`, stages go under `seed-N/`, th
 `KEY=VALUE,...` for the grid settings they depend on; each cell's results sit in
 `seed-N[/KEY=VALUE,...]/`, and the pooled results at the top of the run folder.
 
-A recipe's `[design]` adds stages to every cell (`design_stages`): the mismatch-dose sets with a
-fine-tune and an evaluation per dose (dose 0 is the self set, so it names the self stages), for
-SliCK categories one greedy evaluation of the base student per extra few-shot prompt and one
-sampled evaluation (the run's own prompt) per sample, and for training length (`epochs = true`)
-one evaluation per fine-tuned condition and saved epoch.
+A cell's stages are the stage records of the designs its recipe runs (designs/): the paper's
+comparison always, then the mismatch dose, knowledge categories and training length where the
+recipe's `[design]` asks; dose 0 names the self stages. The plan reads each record's settings and
+needs; the runner, the same record's key inputs and work.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from kmismatch_lite.dose import dose_name
-from kmismatch_lite.finetune import LoraSettings
-
-# stage -> (recipe settings it reads, stages whose outputs it reads), in running order
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": (("seed", "data"), ()),
-    "generate/teacher": (("models.teacher", "generate"), ("data",)),
-    "generate/student": (("models.student", "generate"), ("data",)),
-    "sets": ((), ("generate/teacher", "generate/student")),
-    "finetune/self": (("models.student", "finetune"), ("sets",)),
-    "finetune/teacher": (("models.student", "finetune"), ("sets",)),
-    "evaluate/base_student": (("models.student", "evaluate"), ("data",)),
-    "evaluate/self": (("models.student", "evaluate"), ("data", "finetune/self")),
-    "evaluate/teacher": (("models.student", "evaluate"), ("data", "finetune/teacher")),
-    "evaluate/base_teacher": (("models.teacher", "evaluate"), ("data",)),
-}
-
+from kmismatch_lite import designs, settings
+from kmismatch_lite.designs.unit import StageRecord
+from kmismatch_lite.settings import CellSettings
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of one cell: where it is written and the folders of the stages it reads."""
+    """One stage of one cell: where it is written, the folders of the stages it reads, and its
+    record (the settings it reads, its key inputs and its work)."""
 
     name: str
     folder: str
     needs: dict[str, str]
+    record: StageRecord | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One seed at one grid point: its own resolved recipe and the stages it needs."""
+    """One seed at one grid point: its own resolved recipe (as a dict and typed) and the stages it needs."""
 
     seed: int
     point: dict[str, Any]
     folder: str
     recipe: dict
     stages: dict[str, Stage]
+    settings: CellSettings | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -111,71 +99,22 @@ def _name(key: str, value: Any) -> str:
     return quote(f"{key}={value}", safe="=.,-_+@")
 
 
-def design_stages(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """The stages a recipe's `[design]` adds, in the form of STAGES. Dose 0 has none of its own:
-    its set is the self set, so its fine-tune and evaluation are `finetune/self`, `evaluate/self`."""
-    design = recipe.get("design") or {}
-    out: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-    if design.get("doses"):
-        out["dose_sets"] = (("design.doses",), ("generate/teacher", "generate/student"))
-    for d in (d for d in design.get("doses") or () if float(d) != 0.0):
-        name = dose_name(float(d))
-        out[f"finetune/{name}"] = (("models.student", "finetune"), ("dose_sets",))
-        out[f"evaluate/{name}"] = (("models.student", "evaluate"), ("data", f"finetune/{name}"))
-    if design.get("categories") == "slick":
-        # Prompt 1 is the run's own: its greedy answers are evaluate/base_student's.
-        for i in range(2, design["slick_prompts"] + 1):
-            out[f"slick/prompt-{i}"] = (("models.student", "evaluate"), ("data",))
-        for j in range(1, design["slick_samples"] + 1):
-            out[f"slick/sample-{j}"] = (("models.student", "evaluate"), ("data",))
-    for cond, epoch in epoch_evaluations(recipe):
-        out[f"evaluate/{epoch_condition(cond, epoch)}"] = (("models.student", "evaluate"), ("data", f"finetune/{cond}"))
-    return out
+def stage_table(cell_recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Every stage a cell runs, as (settings it reads, stages it needs), in running order."""
+    return {name: (r.settings, r.needs) for name, r in designs.stage_records(settings.of(cell_recipe)).items()}
 
 
-def finetuned_conditions(recipe: dict) -> list[str]:
-    """The conditions with a fine-tune of their own: self, teacher and each dose but 0 (the self set)."""
-    doses = (recipe.get("design") or {}).get("doses") or ()
-    return ["self", "teacher"] + [dose_name(float(d)) for d in doses if float(d) != 0.0]
-
-
-def epoch_evaluations(recipe: dict) -> list[tuple[str, int]]:
-    """(condition, epoch) of every saved epoch's evaluation that `[design] epochs` adds. The last
-    epoch's LoRA is the condition's own adapter, evaluated already; with a dev split the adapter
-    kept is the best epoch's, so every epoch gets its own evaluation."""
-    if not (recipe.get("design") or {}).get("epochs"):
-        return []
-    s = LoraSettings.from_dict(recipe["finetune"]["lora"])
-    last = s.epochs if s.dev_fraction > 0 else s.epochs - 1
-    return [(cond, n) for cond in finetuned_conditions(recipe) for n in range(1, last + 1)]
-
-
-def epoch_condition(cond: str, epoch: int) -> str:
-    """The name of a condition's evaluation at a saved epoch (its stage and samples file)."""
-    return f"{cond}-epoch-{epoch}"
-
-
-def stage_table(recipe: dict) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """Every stage a cell of `recipe` runs: the protocol's, then its design's."""
-    return {**STAGES, **design_stages(recipe)}
-
-
-def _aliases(recipe: dict, stages: dict[str, Stage]) -> None:
-    if any(float(d) == 0.0 for d in (recipe.get("design") or {}).get("doses") or ()):
-        for kind in ("finetune", "evaluate"):
-            stages[f"{kind}/{dose_name(0.0)}"] = stages[f"{kind}/self"]
-
-
-def _stages(table: dict, seed: int, point: dict[str, Any], multi: bool) -> dict[str, Stage]:
+def _stages(records: dict[str, StageRecord], seed: int, point: dict[str, Any], multi: bool) -> dict[str, Stage]:
     depends: dict[str, list[str]] = {}
     stages: dict[str, Stage] = {}
-    for name, (settings, needs) in table.items():
+    for name, record in records.items():
+        settings, needs = record.settings, record.needs
         keys = {k for k in point if any(_reads(s, k) for s in settings)}
         keys.update(*(depends[n] for n in needs))
         depends[name] = sorted(keys, key=list(point).index)
         parts = [f"seed-{seed}", ",".join(_name(k, point[k]) for k in depends[name])] if multi else []
         folder = "/".join([p for p in parts if p] + [name])
-        stages[name] = Stage(name, folder, {n: stages[n].folder for n in needs})
+        stages[name] = Stage(name, folder, {n: stages[n].folder for n in needs}, record)
     return stages
 
 
@@ -198,7 +137,8 @@ def build(recipe: dict) -> Plan:
             folder = "/".join([f"seed-{seed}"] + ([",".join(_name(k, v) for k, v in point.items())]
                                                    if point else [])) if multi else ""
             cell_recipe = _cell_recipe(recipe, seed, point)
-            stages = _stages(stage_table(cell_recipe), seed, point, multi)
-            _aliases(cell_recipe, stages)
-            plan.cells.append(Cell(seed, point, folder, cell_recipe, stages))
+            typed = settings.of(cell_recipe)
+            stages = _stages(designs.stage_records(typed), seed, point, multi)
+            stages.update({alias: stages[target] for alias, target in designs.aliases(typed).items()})
+            plan.cells.append(Cell(seed, point, folder, cell_recipe, stages, typed))
     return plan

@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from kmismatch_lite import report_designs, scoring, stats
-from kmismatch_lite.scoring import tally_of
+from kmismatch_lite import designs, report_designs
+from kmismatch_lite.designs.paper import results  # noqa: F401  (a cell's results.json)
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import atomic_path, write_json, write_jsonl, write_text
 
@@ -19,42 +19,8 @@ LABELS = {
     "teacher": "student fine-tuned on the teacher's answers",
     "base_teacher": "teacher, not fine-tuned",
 }
-ALPHA = 0.05
 # report.html of a many-seed run reloads itself, for a screen that watches seeds arrive.
 REFRESH_SECONDS = 10
-
-
-def results(recipe: dict, evaluated: dict, set_stats: dict, models: dict) -> dict:
-    """Every figure of protocol steps 4 and 6; nothing time-dependent, so reruns compare equal."""
-    conditions = {c: tally_of(m) for c, (_, m) in evaluated.items()}
-    wrong = {c: [s["verdict"] == scoring.WRONG for s in samples] for c, (samples, _) in evaluated.items()}
-    test = stats.paired_wrong_test(wrong["teacher"], wrong["self"], n_boot=recipe["report"]["bootstrap"],
-                                   seed=recipe["seed"])
-    held = test.wrong_a > test.wrong_b and test.p_value < ALPHA
-    return {
-        "recipe": recipe["name"],
-        "student": models["student"].name,
-        "teacher": models["teacher"].name,
-        "dataset": recipe["data"]["dataset"],
-        "seed": recipe["seed"],
-        "n_train": set_stats["n"],
-        "n_test": test.n,
-        "finetune_sets": set_stats,
-        "conditions": conditions,
-        "hypothesis": {
-            "statement": "the student fine-tuned on the teacher's answers gives more wrong answers "
-                         "than the student fine-tuned on its own answers",
-            "wrong_teacher": test.wrong_a,
-            "wrong_self": test.wrong_b,
-            "teacher_wrong_only": test.a_only,
-            "self_wrong_only": test.b_only,
-            "wrong_rate_difference": test.diff_rate,
-            "bootstrap_95ci": [test.ci_low, test.ci_high],
-            "mcnemar_p": test.p_value,
-            "alpha": ALPHA,
-            "held": held,
-        },
-    }
 
 
 def table_rows(res: dict) -> list[list[str]]:
@@ -189,11 +155,6 @@ def compare_rows(a: dict, b: dict) -> list[list[str]]:
 
 # --- Many cells: each cell's results, pooled over seeds per grid point (protocol step 8) ---
 
-def _wrong(folder: Path, cond: str) -> list[bool]:
-    return [json.loads(line)["verdict"] == scoring.WRONG
-            for line in (folder / "samples" / f"{cond}.jsonl").read_text(encoding="utf-8").splitlines() if line]
-
-
 def point_label(point: dict) -> str:
     """A grid point as `key=value, ...`."""
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "all cells"
@@ -208,11 +169,8 @@ def pooled_results(out: Path, the_plan, cell_results: list[dict], machines: dict
     points = []
     for point in the_plan.points():
         at = [c for c in cells if c["point"] == point]
-        pairs = [(_wrong(out / c["folder"], "teacher"), _wrong(out / c["folder"], "self")) for c in at]
         n_boot = the_plan.cells_at(point)[0].recipe["report"]["bootstrap"]
-        pooled = stats.pool_seeds(pairs, n_boot=n_boot) if len(at) > 1 else None
-        points.append({"point": point, "seeds": [c["seed"] for c in at], "pooled": pooled,
-                       "conclusion": _conclusion(pooled), **report_designs.pooled(out, at, n_boot)})
+        points.append({"point": point, "seeds": [c["seed"] for c in at], **designs.pooled(out, at, n_boot)})
     first = cells[0]
     return {"recipe": first["recipe"], "student": first["student"], "teacher": first["teacher"],
             "dataset": first["dataset"], "seeds": the_plan.seeds, "sweep": the_plan.grid,
@@ -238,13 +196,6 @@ def machines_text(res: dict) -> str:
     return (f"These {len(machines)} seeds ran on {len(distinct)} different machines: a seed's counts can "
             f"differ between machines on near-tie answers and with the core count, so the pooled sign and "
             f"size is what reproduces, not one seed's counts.")
-
-
-def _conclusion(pooled: dict | None) -> str | None:
-    if pooled is None:
-        return None
-    lo, hi = pooled["random_effects"]["ci"]
-    return "more wrong answers" if lo > 0 else "fewer wrong answers" if hi < 0 else "undecided"
 
 
 def _pts(x: float) -> str:

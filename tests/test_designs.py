@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from kmismatch_lite import categories, plan, recipes, report_designs, scoring
+from kmismatch_lite import categories, designs, epoch_curve, plan, recipes, report_designs, scoring, settings
+from kmismatch_lite.designs import knowledge_categories, mismatch_dose, paper
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import write_jsonl
 
@@ -22,7 +23,9 @@ def load(*settings):
 def test_design_is_off_by_default_and_doses_parse_from_the_command_line():
     r = load()
     assert r["design"] == {"doses": [], "categories": "", "slick_prompts": 4, "slick_samples": 4, "epochs": False}
-    assert plan.design_stages(r) == {}
+    assert list(designs.stage_records(settings.of(r))) == list(plan.stage_table(r)) == [
+        "data", "generate/teacher", "generate/student", "sets", "finetune/self", "finetune/teacher",
+        "evaluate/base_student", "evaluate/self", "evaluate/teacher", "evaluate/base_teacher"]
     assert load("design.doses=0,0.5,1")["design"]["doses"] == [0.0, 0.5, 1.0]
     assert load("design.doses=0,1", "design.doses=")["design"]["doses"] == []
 
@@ -72,6 +75,13 @@ def test_the_bundled_dose_recipe_loads():
 
 # --- the plan ---
 
+def added(recipe):
+    """The stages a recipe's design adds to the paper's."""
+    s = settings.of(recipe)
+    paper_stages = [r.name for r in paper.stages(s, [])]
+    return [n for n in designs.stage_records(s) if n not in paper_stages]
+
+
 def test_doses_add_one_finetune_and_evaluation_per_dose_and_dose_zero_is_the_self_stage():
     p = plan.build(load("seeds=0,1", "design.doses=0,0.5,1"))
     counts = Counter(s.name for s in p.stages())
@@ -82,14 +92,14 @@ def test_doses_add_one_finetune_and_evaluation_per_dose_and_dose_zero_is_the_sel
     assert stages["finetune/dose-0"] is stages["finetune/self"]
     assert stages["evaluate/dose-0"].folder == "seed-1/evaluate/self"
     assert stages["finetune/dose-1"].needs == {"dose_sets": "seed-1/dose_sets"}
-    assert stages["dose_sets"].needs == {"generate/teacher": "seed-1/generate/teacher",
+    assert stages["dose_sets"].needs == {"data": "seed-1/data", "generate/teacher": "seed-1/generate/teacher",
                                          "generate/student": "seed-1/generate/student"}
 
 
 def test_slick_adds_one_stage_per_extra_prompt_and_cheap_adds_none():
     r = load("design.categories=slick", "design.slick_samples=0", "design.slick_prompts=3")
-    assert list(plan.design_stages(r)) == ["slick/prompt-2", "slick/prompt-3"]
-    assert plan.design_stages(load("design.categories=cheap")) == {}
+    assert added(r) == ["slick/prompt-2", "slick/prompt-3"]
+    assert added(load("design.categories=cheap")) == []
 
 
 def test_slick_samples_add_one_sampled_stage_each_per_seed():
@@ -113,7 +123,7 @@ def test_each_sampled_run_has_its_own_seed_at_slicks_temperature_recorded_for_th
 
 
 def test_epochs_add_an_evaluation_per_finetuned_condition_and_epoch_before_the_last():
-    assert plan.epoch_evaluations(load("finetune.lora.epochs=3")) == []
+    assert not any("-epoch-" in n for n in plan.stage_table(load("finetune.lora.epochs=3")))
     p = plan.build(load("seeds=0,1", "design.epochs=true", "finetune.lora.epochs=3", "design.doses=0,1"))
     added = [n for n in p.cells[0].stages if "-epoch-" in n]
     assert added == [f"evaluate/{c}-epoch-{n}" for c in ("self", "teacher", "dose-1") for n in (1, 2)]
@@ -127,23 +137,25 @@ def test_epochs_add_an_evaluation_per_finetuned_condition_and_epoch_before_the_l
 
 def test_with_a_dev_split_every_epoch_is_evaluated():
     r = load("design.epochs=true", "finetune.lora.epochs=2", "finetune.lora.dev_fraction=0.1")
-    assert plan.epoch_evaluations(r) == [("self", 1), ("self", 2), ("teacher", 1), ("teacher", 2)]
+    assert [n for n in plan.stage_table(r) if "-epoch-" in n] == [
+        "evaluate/self-epoch-1", "evaluate/self-epoch-2", "evaluate/teacher-epoch-1", "evaluate/teacher-epoch-2"]
 
 
-def test_a_finetune_stage_key_changes_when_epochs_are_saved(monkeypatch, tmp_path):
+def test_a_finetune_stage_key_changes_when_epochs_are_saved(tmp_path):
     from types import SimpleNamespace
 
-    from kmismatch_lite import run
+    from kmismatch_lite.designs.unit import StageContext
 
     model = SimpleNamespace(name="m", gguf_path=None, url="http://x")
     keys = {}
     for on in (False, True):
         cell = plan.build(load("finetune.lora.epochs=2", f"design.epochs={on}")).cells[0]
-        r = run.Run(tmp_path, log=lambda _: None)
-        monkeypatch.setattr(r, "stage", lambda stage, inputs, work: (tmp_path / stage.folder, run._key(inputs)))
-        c = run.CellRun(r, cell, {"student": model, "teacher": model})
-        keys[on] = c._finetune("self", tmp_path / "self.jsonl", {"sets": "k", "set": "self"})[1]
-    assert keys[False] != keys[True]
+        stage = cell.stages["finetune/self"]
+        ctx = StageContext(cell.settings, {"student": model, "teacher": model}, {"student": "m", "teacher": "m"},
+                           tmp_path, stage.folder, {"sets": (tmp_path / "sets", "k")})
+        keys[on] = stage.record.inputs(ctx)
+    assert keys[False]["lora"]["save_epochs"] is False and keys[True]["lora"]["save_epochs"] is True
+    assert {k: v for k, v in keys[False].items() if k != "lora"} == {k: v for k, v in keys[True].items() if k != "lora"}
 
 
 def test_a_finetune_sweep_gives_dose_finetunes_per_point_and_dose_sets_per_seed():
@@ -191,7 +203,11 @@ def cell(ev, categories="cheap", epochs=False):
     recipe = load("design.doses=0,1", f"design.categories={categories}", *(EPOCHS if epochs else ()))
     cats = {r["id"]: "Known" if r["verdict"] == C else "Unknown" for r in ev["base_student"][0]}
     stats = {n: {"mismatch_answered": k, "mismatch_pool": 3} for n, k in (("dose-0", 0), ("dose-1", 3))}
-    return report_designs.cell_results(recipe, ev, stats, cats, epoch_one(ev) if epochs else None)
+    s = settings.of(recipe)
+    out = {"dose": mismatch_dose.section(s, ev, stats), "categories": knowledge_categories.section(s, ev, cats)}
+    if epochs:
+        out["epochs"] = epoch_curve.cell_section(recipe, ev, epoch_one(ev))
+    return out
 
 
 def test_cell_results_hold_rates_slope_and_categories():
@@ -239,7 +255,7 @@ def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
         for cond, (samples, _) in ev.items():
             write_jsonl(folder / "samples" / f"{cond}.jsonl", samples)
         cells.append({"folder": f"seed-{seed}", "conditions": {c: m for c, (_, m) in ev.items()}, **cell(ev)})
-    pooled = report_designs.pooled(tmp_path, cells, n_boot=200)
+    pooled = designs.pooled(tmp_path, cells, n_boot=200)
     assert pooled["dose"]["response"][W]["seeds"] == 2
     assert pooled["dose"]["mismatch_answered"] == [0, 3]
     k = pooled["categories"]["by_condition"]["dose-1"]
@@ -253,9 +269,9 @@ def test_tables_markdown_and_figures(tmp_path):
     res = {"student": "s", "teacher": "t", **cell(evaluated(), "slick")}
     titles = [t[0] for t in report_designs.tables(res)]
     assert titles[0].startswith("Mismatch dose") and titles[1].endswith("SliCK, 4 few-shot prompts greedily, 4 samples at temperature 0.5")
-    dose_rows = report_designs.dose_rows(res["dose"])
+    dose_rows = mismatch_dose.rows(res["dose"])
     assert dose_rows[1][:2] == ["1", "3 of 3"] and dose_rows[1][3].startswith("66.7% [")
-    assert "+50.0 points per unit dose" in report_designs.dose_text(res["dose"])
+    assert "+50.0 points per unit dose" in mismatch_dose.text(res["dose"])
     md = report_designs.markdown(res)
     assert "## Mismatch dose" in md and "| dose-1 | 1 / 2 (25%) | 3 / 4 (75%) |" in md and "(dose.png)" in md
     report_designs.figures([("", res)], res, tmp_path)
@@ -278,8 +294,8 @@ def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_pat
         epoch_samples = {f"{cond}-epoch-1": e[1][0] for cond, e in by_epoch[0].items()}
         for cond, samples in {**{k: s for k, (s, _) in ev.items()}, **epoch_samples}.items():
             write_jsonl(tmp_path / c.folder / "samples" / f"{cond}.jsonl", samples)
-        paper = {k: ev[k] for k in ("base_student", "self", "teacher", "base_teacher")}
-        res = report.results(c.recipe, paper, {"n": 6, "mismatch_rate": 0.5}, models)
+        paper_ev = {k: ev[k] for k in ("base_student", "self", "teacher", "base_teacher")}
+        res = report.results(c.recipe, paper_ev, {"n": 6, "mismatch_rate": 0.5}, models)
         results.append({**res, **cell(ev, epochs=True)})
     res = report.write_pooled(tmp_path, p, results)
     entry = res["points"][0]

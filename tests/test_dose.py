@@ -6,7 +6,7 @@ import pytest
 from kmismatch_lite import dose, dose_response, scoring
 from kmismatch_lite.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.run import build_sets
+from kmismatch_lite.designs.paper import build_sets
 
 C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED
 

@@ -7,6 +7,10 @@ import pytest
 from kmismatch_lite import plan, recipes
 
 
+PAPER = ["data", "generate/teacher", "generate/student", "sets", "finetune/self", "finetune/teacher",
+         "evaluate/base_student", "evaluate/self", "evaluate/teacher", "evaluate/base_teacher"]
+
+
 def build(*settings):
     return plan.build(recipes.load("smoke", list(settings)))
 
@@ -20,7 +24,7 @@ def test_single_seed_keeps_the_flat_layout():
     assert not p.multi and len(p.cells) == 1
     cell = p.cells[0]
     assert cell.folder == "" and cell.seed == 0 and cell.point == {}
-    assert [s.folder for s in p.stages()] == list(plan.STAGES)
+    assert [s.folder for s in p.stages()] == list(PAPER)
     assert cell.stages["evaluate/self"].needs == {"data": "data", "finetune/self": "finetune/self"}
 
 
@@ -72,7 +76,7 @@ def test_a_teacher_sweep_leaves_the_student_generation_shared():
 
 def test_a_report_only_sweep_shares_every_stage():
     p = build("seeds=0", "sweep.report.bootstrap=100,200")
-    assert len(p.cells) == 2 and len(p.stages()) == len(plan.STAGES)
+    assert len(p.cells) == 2 and len(p.stages()) == len(PAPER)
     assert [c.recipe["report"]["bootstrap"] for c in p.cells] == [100, 200]
 
 
@@ -82,7 +86,7 @@ def test_same_folder_means_same_inputs():
     seen = {}
     for cell in p.cells:
         for stage in cell.stages.values():
-            reads, _ = plan.STAGES[stage.name]
+            reads = stage.record.settings
             values = (cell.seed, *(repr(_get(cell.recipe, k)) for k in reads), tuple(stage.needs.values()))
             assert seen.setdefault(stage.folder, values) == values, stage.folder
 
