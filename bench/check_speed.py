@@ -27,9 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from kmismatch_lite import cards, data, prompts
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
-from kmismatch_lite.export_gguf import export_lora_gguf, read_metadata
+from kmismatch_lite.formats.export_gguf import export_lora_gguf, read_metadata
 from kmismatch_lite.finetune import TARGET_MODULES
 
 

@@ -18,7 +18,8 @@ import argparse
 import statistics
 import time
 
-from kmismatch_lite import cards, data, prompts
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
 

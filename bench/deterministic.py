@@ -14,7 +14,8 @@ import argparse
 import statistics
 import time
 
-from kmismatch_lite import cards, data, prompts
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
 MODES = {"default": {}, "parallel=1": {"parallel": 1}, "deterministic": {"parallel": 1, "fresh": True}}

@@ -33,7 +33,8 @@ from pathlib import Path
 import peft
 import torch
 
-from kmismatch_lite import cards, data, prompts, scoring
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts, scoring
 from kmismatch_lite.backends.torch_lora import load_base
 from kmismatch_lite.finetune import LoraSettings, finetune, read_examples
 

@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the server start/stop helpers the int
 
 from llama_server import free_port, start_llama_server, stop_llama_server  # noqa: E402
 
-from kmismatch_lite import cards, data, prompts  # noqa: E402
+from kmismatch_lite import cards  # noqa: E402
+from kmismatch_lite.qa import prompts  # noqa: E402
+from kmismatch_lite.qa import data
 from kmismatch_lite.backends.openai import OpenAIGenerator  # noqa: E402
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -24,8 +24,9 @@ import json
 import statistics
 from pathlib import Path
 
-from kmismatch_lite import cards, check, prompts, recipes
-from kmismatch_lite.data import Question
+from kmismatch_lite import cards, check, recipes
+from kmismatch_lite.qa import prompts
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.finetune import LoraSettings, finetune
 from kmismatch_lite.io import read_jsonl, write_json
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kmismatch_lite import cards, data, prompts, scoring
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts, scoring
 from kmismatch_lite.backends import generator_class
-from kmismatch_lite.data import Question
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import sha256_file, sha256_text, write_json, write_jsonl
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 # The versioned forms of a check's metrics.json (and --json) and of a comparison's compare.json.
 SCHEMA = "kmm-check/1"

@@ -59,7 +59,8 @@ def data_cmd(spec: str, seed: int, show: int) -> None:
     jsonl:PATH, csv:PATH, parquet:PATH)."""
     from collections import Counter
 
-    from kmismatch_lite import data, ui
+    from kmismatch_lite import ui
+    from kmismatch_lite.qa import data
 
     qs = data.load(spec, seed=seed)
     rel = Counter(q.relation or "-" for s in data.SPLITS for q in qs.split(s))

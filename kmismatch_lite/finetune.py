@@ -219,8 +219,8 @@ def _settings(settings: LoraSettings | dict | None) -> LoraSettings:
 
 def _run(trainer, model: cards.Model, examples: list[dict], settings: LoraSettings, tmp: Path,
          progress_factory: Callable | None) -> FinetuneResult:
-    from kmismatch_lite.export_gguf import export_lora_gguf
-    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.formats.export_gguf import export_lora_gguf
+    from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
     from kmismatch_lite.lora_data import n_batches, n_dev
 
     n_train = len(examples) - n_dev(len(examples), settings.dev_fraction)
@@ -267,7 +267,7 @@ def _move_outputs(tmp: Path, out_dir: Path) -> None:
 
 def verify_prompts(examples: Sequence[dict], n_other: int = 16) -> tuple[list[str], list[str]]:
     """The trained questions and some held-out ones (built-in geonames test questions)."""
-    from kmismatch_lite import data
+    from kmismatch_lite.qa import data
 
     trained = list(dict.fromkeys(e["question"] for e in examples))
     seen = set(trained)
@@ -286,7 +286,7 @@ def verify_adapter(model: cards.Model, examples: Sequence[dict], adapter_dir: Pa
     adapter (mlx-lm for mlx; transformers + peft for torch, on the GPU for unsloth), and vs the base."""
     import importlib
 
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends import TRAINERS
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 

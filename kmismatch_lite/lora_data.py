@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kmismatch_lite import prompts
+from kmismatch_lite.qa import prompts
 from kmismatch_lite.errors import KmmError
 
 IGNORE = -100

@@ -193,7 +193,8 @@ def _check_axis(recipe: dict, key: str, values: Any, where: str) -> None:
 
 
 def _check_cell(recipe: dict, where: str) -> None:
-    from kmismatch_lite import backends, cards, data
+    from kmismatch_lite import backends, cards
+    from kmismatch_lite.qa import data
 
     for role in ("student", "teacher"):
         spec = recipe["models"].get(role)
@@ -250,7 +251,7 @@ def _check_options(recipe: dict, stage: str, where: str) -> None:
 
 def _check_doses(doses: list, where: str) -> None:
     """Off (empty), or at least two distinct numbers in [0, 1]: a slope needs two points."""
-    from kmismatch_lite.dose import check_doses
+    from kmismatch_lite.designs.dose import check_doses
 
     if not doses:
         return

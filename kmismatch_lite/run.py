@@ -22,7 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kmismatch_lite import cards, data, designs, handin, plan as planning, recipes
+from kmismatch_lite import cards, designs, handin, plan as planning, recipes
+from kmismatch_lite.qa import data
 from kmismatch_lite.designs.unit import CellContext, StageContext
 from kmismatch_lite.io import atomic_dir, run_lock, sha256_file, sha256_text, write_json, write_text
 

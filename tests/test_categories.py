@@ -2,9 +2,9 @@
 
 import pytest
 
-from kmismatch_lite import categories as cat
-from kmismatch_lite import prompts, scoring
-from kmismatch_lite.data import Question
+from kmismatch_lite.designs import categories as cat
+from kmismatch_lite.qa import prompts, scoring
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.errors import KmmError
 
 C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED

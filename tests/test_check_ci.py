@@ -138,7 +138,8 @@ def _jinja_render(template: str, messages: list[dict], bos: str, eos: str) -> st
 def test_chat_prompts_are_the_models_own_template_with_turn_markers_as_tokens(tmp_path):
     import llama_cpp
 
-    from kmismatch_lite import cards, data, prompts
+    from kmismatch_lite import cards
+    from kmismatch_lite.qa import data, prompts
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
     out = tmp_path / "c"

@@ -7,7 +7,8 @@ import json
 
 from conftest import run_kmm
 from fake_openai import serve
-from kmismatch_lite import check, data
+from kmismatch_lite import check
+from kmismatch_lite.qa import data
 
 N_ROWS = 300
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import bundled_model, llama_cpp_usable, run_kmm
-from kmismatch_lite import cards, check, data, prompts, scoring
+from kmismatch_lite import cards, check
+from kmismatch_lite.qa import data, prompts, scoring
 from kmismatch_lite.io import sha256_file
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 STUDENT, TEACHER = "smollm2-135m-instruct", "gemma-3-270m"
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from kmismatch_lite import data, geonames
-from kmismatch_lite.data import Question, split_by_subject
+from kmismatch_lite.qa import data, geonames
+from kmismatch_lite.qa.data import Question, split_by_subject
 from kmismatch_lite.errors import KmmError
 
 

@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
-from kmismatch_lite import categories, designs, epoch_curve, plan, recipes, report_designs, scoring, settings
+from kmismatch_lite import designs, plan, recipes, report_designs, settings
+from kmismatch_lite.designs import categories, epoch_curve
+from kmismatch_lite.qa import scoring
 from kmismatch_lite.designs import knowledge_categories, mismatch_dose, paper
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.io import write_jsonl

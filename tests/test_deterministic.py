@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import bundled_model, llama_cpp_usable
-from kmismatch_lite import cards, data, prompts
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts
 
 pytestmark = pytest.mark.integration
 TEACHER = "gemma-3-270m"

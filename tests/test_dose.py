@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from kmismatch_lite import dose, dose_response, scoring
-from kmismatch_lite.data import Question
+from kmismatch_lite.designs import dose, dose_response
+from kmismatch_lite.qa import scoring
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.designs.paper import build_sets
 

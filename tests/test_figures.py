@@ -19,7 +19,8 @@ pytest.importorskip("statsmodels", reason="needs the stats extra (scipy, statsmo
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from kmismatch_lite import report, report_designs, scoring  # noqa: E402
+from kmismatch_lite import report, report_designs  # noqa: E402
+from kmismatch_lite.qa import scoring  # noqa: E402
 
 C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED
 TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}$")  # io.atomic_path's temporary name beside the target

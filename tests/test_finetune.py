@@ -16,7 +16,7 @@ import pytest
 from conftest import bundled_model, llama_cpp_usable, run_kmm
 from kmismatch_lite import lora_data
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.export_gguf import permute_rows, unpermute_rows
+from kmismatch_lite.formats.export_gguf import permute_rows, unpermute_rows
 from kmismatch_lite.finetune import LoraSettings, read_examples
 
 STUDENT = "smollm2-135m-instruct"
@@ -357,11 +357,11 @@ def student():
 def test_export_layout_metadata_and_permutation(tmp_path, student):
     import gguf
 
-    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
 
     lora = _random_lora(30, {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (576, 192),
                              "self_attn.v_proj": (576, 192), "mlp.down_proj": (1536, 576)})
-    from kmismatch_lite.export_gguf import export_lora_gguf
+    from kmismatch_lite.formats.export_gguf import export_lora_gguf
 
     path = export_lora_gguf(lora, alpha=16.0, base=student, out_path=tmp_path / "a.gguf")
     r = gguf.GGUFReader(path)
@@ -382,7 +382,7 @@ def test_export_layout_metadata_and_permutation(tmp_path, student):
 def test_adapter_for_another_base_is_refused(tmp_path, student):
     import gguf
 
-    from kmismatch_lite.export_gguf import check_adapter, export_lora_gguf
+    from kmismatch_lite.formats.export_gguf import check_adapter, export_lora_gguf
 
     good = export_lora_gguf(_random_lora(1, {"self_attn.v_proj": (576, 192)}), alpha=8.0, base=student,
                             out_path=tmp_path / "good.gguf")
@@ -436,7 +436,7 @@ def test_cli_check_refuses_an_adapter_for_another_base(tmp_path, student):
     if llama_cpp_usable():
         pytest.skip(llama_cpp_usable())
     from kmismatch_lite import cards
-    from kmismatch_lite.export_gguf import export_lora_gguf
+    from kmismatch_lite.formats.export_gguf import export_lora_gguf
 
     why = bundled_model(GEMMA)
     if why:
@@ -453,7 +453,7 @@ def test_cli_check_refuses_an_adapter_for_another_base(tmp_path, student):
 
 def made_up_examples(n: int) -> list[dict]:
     """`n` built-in training questions, evenly over the relations, each with its made-up answer."""
-    from kmismatch_lite import data
+    from kmismatch_lite.qa import data
 
     by_relation: dict[str, list] = {}
     for q in data.load("geonames").train:
@@ -503,7 +503,7 @@ def test_save_epochs_writes_every_epochs_adapter_and_llama_cpp_answers_with_each
     and answer, and without a dev split the last epoch's LoRA is the final adapter."""
     from safetensors.numpy import load_file
 
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
     if llama_cpp_usable():
@@ -572,7 +572,9 @@ def test_exported_qk_lora_matches_torch_logits_in_llama_cpp(name, scale, tmp_pat
     import peft
     import torch
 
-    from kmismatch_lite import cards, export_gguf, prompts
+    from kmismatch_lite import cards
+    from kmismatch_lite.formats import export_gguf
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
     from kmismatch_lite.backends.torch_lora import load_base
 

@@ -31,7 +31,7 @@ def _tree(root: Path) -> Path:
 
 
 def _edit_scorer(root: Path) -> None:
-    path = root / "kmismatch_lite" / "scoring.py"
+    path = root / "kmismatch_lite" / "qa" / "scoring.py"
     text = path.read_text(encoding="utf-8")
     assert PHRASE in text
     path.write_text(text.replace(PHRASE, PHRASE + '    "i would not know",\n'), encoding="utf-8")

@@ -22,7 +22,8 @@ from scipy import stats as st  # noqa: E402
 from statsmodels.stats.contingency_tables import mcnemar  # noqa: E402
 
 from conftest import run_kmm  # noqa: E402
-from kmismatch_lite import plan, recipes, report, scoring  # noqa: E402
+from kmismatch_lite import plan, recipes, report  # noqa: E402
+from kmismatch_lite.qa import scoring  # noqa: E402
 
 C, W, A = scoring.CORRECT, scoring.WRONG, scoring.ABSTAINED
 N = 400

@@ -136,7 +136,7 @@ def test_popqa_through_the_hub(hub):
 
 def test_hub_loaders_as_a_library(hub):
     """The library call itself (`data.load`), with the answers and aliases it reads."""
-    script = ("import json; from kmismatch_lite import data\n"
+    script = ("import json; from kmismatch_lite.qa import data\n"
               "t = data.load('triviaqa:test=2'); p = data.load('popqa', seed=1)\n"
               "print(json.dumps({'t': [q.to_dict() for q in t.test], 'p': p.test[0].to_dict(), 'n': len(p.split('all'))}))")
     env = {k: v for k, v in {**os.environ, **online(hub)}.items() if v is not None}

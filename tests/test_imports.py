@@ -109,3 +109,44 @@ def test_backends_never_import_what_drives_them():
     edges = _graph()
     wrong = {m: sorted(edges[m] & DRIVERS) for m in edges if m.startswith("kmismatch_lite.backends")}
     assert {m: w for m, w in wrong.items() if w} == {}
+
+
+# Top to bottom; a module imports only from its own layer or the layers below it.
+LAYERS = {
+    "shell": ("cli", "__main__", "ui"),
+    "experiment": ("run", "plan", "pool", "report", "report_designs", "recipes", "handin"),
+    "designs": ("designs", "settings"),
+    "verbs": ("check", "finetune"),
+    "backends": ("backends",),
+    "formats": ("formats", "lora_data"),
+    "questions": ("qa",),
+    "leaves": ("cards", "errors", "io", "toml_strict", "stats", "fingerprint"),
+}
+# Package roots that hold no code of their own: `from kmismatch_lite import x` names them.
+EMPTY_ROOTS = {"kmismatch_lite", "kmismatch_lite.qa", "kmismatch_lite.formats"}
+
+
+def _layer(module: str) -> int | None:
+    name = module.removeprefix("kmismatch_lite.")
+    for i, prefixes in enumerate(LAYERS.values()):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def _upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in edges.items() if m not in EMPTY_ROOTS for t in targets
+                  if t not in EMPTY_ROOTS and _layer(t) < _layer(m))
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in _graph() if m not in EMPTY_ROOTS and _layer(m) is None] == []
+
+
+def test_the_layers_point_one_way():
+    assert _upward(_graph()) == []
+
+
+def test_an_upward_import_is_found():
+    edges = {"kmismatch_lite.qa.scoring": {"kmismatch_lite.run"}, "kmismatch_lite.run": {"kmismatch_lite.qa.scoring"}}
+    assert _upward(edges) == [("kmismatch_lite.qa.scoring", "kmismatch_lite.run")]

@@ -17,7 +17,8 @@ pytest.importorskip("statsmodels", reason="needs the stats extra (scipy, statsmo
 from scipy import stats as st  # noqa: E402
 from statsmodels.stats.contingency_tables import mcnemar  # noqa: E402
 
-from kmismatch_lite import dose_response, stats  # noqa: E402
+from kmismatch_lite import stats  # noqa: E402
+from kmismatch_lite.designs import dose_response
 
 LEVEL = 0.95
 

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from conftest import bundled_model, llama_cpp_usable
-from kmismatch_lite import cards, data, prompts
+from kmismatch_lite import cards
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.backends.llamacpp_batch import shared_prefix
 from kmismatch_lite.errors import KmmError
 
@@ -65,7 +66,7 @@ def _answers(model, rendered, *, parallel: int, adapter=None, max_tokens=prompts
 
 
 def _random_adapter(name: str, model, path):
-    from kmismatch_lite.export_gguf import export_lora_gguf
+    from kmismatch_lite.formats.export_gguf import export_lora_gguf
 
     n_layers, n_in, n_out, scale = V_PROJ[name]
     rng = np.random.default_rng(0)

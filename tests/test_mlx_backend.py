@@ -37,7 +37,7 @@ def student():
 
 
 def _few_shot_prompts(n: int) -> list[str]:
-    from kmismatch_lite import data, prompts
+    from kmismatch_lite.qa import data, prompts
 
     qs = data.load("geonames")
     template = prompts.few_shot(qs.exemplars)
@@ -47,7 +47,7 @@ def _few_shot_prompts(n: int) -> list[str]:
 def test_mlx_greedy_agrees_with_llamacpp(student):
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
     from kmismatch_lite.backends.mlx import MlxGenerator
-    from kmismatch_lite.prompts import MAX_TOKENS, STOP
+    from kmismatch_lite.qa.prompts import MAX_TOKENS, STOP
 
     batch = _few_shot_prompts(N_PROMPTS)
     answers = {}
@@ -92,7 +92,7 @@ def test_mlx_batched_answers_equal_one_at_a_time(student):
 
 def test_mlx_sampled_answers_are_reproducible_whatever_the_order(student):
     from kmismatch_lite.backends.mlx import MlxGenerator
-    from kmismatch_lite.sampling import Sampling
+    from kmismatch_lite.qa.sampling import Sampling
 
     batch, hot = _few_shot_prompts(3), Sampling(1.0, seed=5)
     gen = MlxGenerator(student)
@@ -103,7 +103,7 @@ def test_mlx_sampled_answers_are_reproducible_whatever_the_order(student):
 
 
 def test_converted_model_holds_the_gguf_blocks(student):
-    from kmismatch_lite import mlx_models
+    from kmismatch_lite.formats import mlx_models
 
     folder = mlx_models.model_dir(student, "gguf")
     assert json.loads((folder / "kmm_source.json").read_text())["gguf_blocks"] is True
@@ -111,7 +111,7 @@ def test_converted_model_holds_the_gguf_blocks(student):
 
 
 def test_hub_source_missing_is_a_clear_error(student, tmp_path, monkeypatch):
-    from kmismatch_lite import mlx_models
+    from kmismatch_lite.formats import mlx_models
     from kmismatch_lite.errors import KmmError
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
@@ -152,7 +152,7 @@ def test_mlx_lora_lowers_loss_and_writes_the_torch_layout(mlx_finetune):
 
 
 def test_mlx_adapter_in_llamacpp_changes_answers_as_mlx_does(student, mlx_finetune):
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends import mlx
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
@@ -174,7 +174,7 @@ def test_mlx_adapter_in_llamacpp_changes_answers_as_mlx_does(student, mlx_finetu
 def test_mlx_saves_each_epochs_adapter_and_llamacpp_loads_it(student, mlx_finetune):
     from safetensors.numpy import load_file
 
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
     from kmismatch_lite.finetune import epoch_dir
 
@@ -198,7 +198,7 @@ def test_lora_arrays_are_in_the_export_layout():
     import mlx.core as mx
     import numpy as np
 
-    from kmismatch_lite.mlx_models import lora_arrays
+    from kmismatch_lite.formats.mlx_models import lora_arrays
 
     a, b = mx.random.normal((576, 8)), mx.random.normal((8, 192))  # mlx-lm: [in, rank], [rank, out]
     out = lora_arrays({"model.layers.0.self_attn.k_proj.lora_a": a, "model.layers.0.self_attn.k_proj.lora_b": b})
@@ -209,7 +209,7 @@ def test_lora_arrays_are_in_the_export_layout():
 
 
 def test_transformers5_rope_parameters_become_mlx_lm_keys():
-    from kmismatch_lite.mlx_models import mlx_config_overrides
+    from kmismatch_lite.formats.mlx_models import mlx_config_overrides
 
     llama = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
              "quantization_config": {"quant_method": "gguf"}}
@@ -224,7 +224,7 @@ def test_missing_mlx_names_the_extra(monkeypatch):
     import sys
 
     from kmismatch_lite.errors import KmmError
-    from kmismatch_lite.mlx_models import require_mlx
+    from kmismatch_lite.formats.mlx_models import require_mlx
 
     monkeypatch.setitem(sys.modules, "mlx_lm", None)
     with pytest.raises(KmmError, match=r"kmismatch_lite\[mlx\]"):

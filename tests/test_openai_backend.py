@@ -17,7 +17,7 @@ from llama_server import free_port, start_llama_server, stop_llama_server
 from kmismatch_lite import cards
 from kmismatch_lite.backends.openai import OpenAIGenerator, cache_key, question_line
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 STOP, MAX_TOKENS = ["\n"], 16
 

@@ -14,7 +14,8 @@ pytest.importorskip("statsmodels", reason="needs the stats extra")
 
 from scipy import stats as st  # noqa: E402
 
-from kmismatch_lite import handin, pool, recipes, report, scoring  # noqa: E402
+from kmismatch_lite import handin, pool, recipes, report  # noqa: E402
+from kmismatch_lite.qa import scoring  # noqa: E402
 
 N = 200
 MODELS = {"student": SimpleNamespace(name="student-m"), "teacher": SimpleNamespace(name="teacher-m")}

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kmismatch_lite import plan, recipes, report, scoring, stats
+from kmismatch_lite import plan, recipes, report, stats
+from kmismatch_lite.qa import scoring
 from conftest import run_kmm
 
 pytest.importorskip("statsmodels", reason="needs the stats extra (scipy, statsmodels)")

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from conftest import run_kmm
-from kmismatch_lite import categories
+from kmismatch_lite.designs import categories
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

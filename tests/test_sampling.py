@@ -9,7 +9,7 @@ import pytest
 
 from conftest import bundled_model, llama_cpp_usable
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import GREEDY, Sampling, sample
+from kmismatch_lite.qa.sampling import GREEDY, Sampling, sample
 
 STUDENT = "smollm2-135m-instruct"
 N_PROMPTS = 30
@@ -58,7 +58,8 @@ def student_prompts():
     for why in (llama_cpp_usable(), bundled_model(STUDENT)):
         if why:
             pytest.skip(why)
-    from kmismatch_lite import cards, data, prompts
+    from kmismatch_lite import cards
+    from kmismatch_lite.qa import data, prompts
 
     qs = data.load("geonames")
     template = prompts.few_shot(qs.exemplars)
@@ -66,7 +67,7 @@ def student_prompts():
 
 
 def _answers(model, batch, *, parallel=1, **kwargs):
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends.llamacpp import LlamaCppGenerator
 
     gen = LlamaCppGenerator(model, parallel=parallel)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kmismatch_lite import scoring
-from kmismatch_lite.scoring import ABSTAINED, CORRECT, WRONG, contains_alias, exact_match, normalize, verdict
+from kmismatch_lite.qa import scoring
+from kmismatch_lite.qa.scoring import ABSTAINED, CORRECT, WRONG, contains_alias, exact_match, normalize, verdict
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -58,7 +58,7 @@ def test_base_source_falls_back_to_the_students_own_gguf(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: the hub repo is not there
     calls = []
-    monkeypatch.setattr("kmismatch_lite.hf_from_gguf.hf_folder", lambda m: calls.append(m) or tmp_path / "hf")
+    monkeypatch.setattr("kmismatch_lite.formats.hf_from_gguf.hf_folder", lambda m: calls.append(m) or tmp_path / "hf")
     model = cards.resolve("smollm2-135m-instruct")
     assert unsloth.base_source(model) == str(tmp_path / "hf")
     assert calls == [model]
@@ -100,7 +100,7 @@ def test_shared_loop_with_a_cpu_loader_trains_and_exports(tmp_path):
     gen = LlamaCppGenerator(model, adapter=tmp_path / "adapter.gguf")
     base = LlamaCppGenerator(model)
     try:
-        from kmismatch_lite import prompts
+        from kmismatch_lite.qa import prompts
 
         ps = [prompts.zero_shot(e["question"]) for e in examples]
         adapted = gen.generate(ps, max_tokens=8, stop=["\n"])
@@ -116,7 +116,7 @@ def test_verify_answers_come_from_a_fresh_process_as_plain_peft_gives_them():
     """The unsloth backend's --verify answers run in a new process (no Unsloth patches there) and
     match what plain transformers + peft answers in this one, on the same device."""
     pytest.importorskip("peft", reason="needs the torch extra")
-    from kmismatch_lite import prompts
+    from kmismatch_lite.qa import prompts
     from kmismatch_lite.backends import torch_lora, unsloth
 
     model = cards.resolve("smollm2-135m-instruct")

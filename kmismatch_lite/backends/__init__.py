@@ -11,7 +11,7 @@ import importlib
 from typing import Any, Callable, Protocol, Sequence
 
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 Progress = Callable[[int], None]
 

@@ -3,7 +3,7 @@ answers are decoded `parallel` at once (llamacpp_batch; 8 on the CPU by default)
 shared prefix is evaluated once; with `parallel=1`, one prompt at a time, keeping the KV cache of
 the prefix shared with the previous prompt, as a plain llama.cpp loop does.
 
-Tokens are picked from llama.cpp's logits by kmismatch_lite.sampling (argmax, or plain temperature
+Tokens are picked from llama.cpp's logits by kmismatch_lite.qa.sampling (argmax, or plain temperature
 sampling with no top-k/top-p/min-p and a random stream per prompt), not by llama.cpp's sampler
 chain, so the prefix KV cache stays ours and every backend samples alike. Sampled answers are
 always decoded one at a time: batched decoding changes the last bits of the logits (see
@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from kmismatch_lite.backends import answer_each, common_length
-from kmismatch_lite.prompts import clean_output
+from kmismatch_lite.qa.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 OPTIONS = {"n_ctx": int, "threads": int, "n_gpu_layers": int, "lora_scale": float, "parallel": int,
            "exact": bool, "fresh": bool, "special": bool}
@@ -73,7 +73,7 @@ class LlamaCppGenerator:
         if fresh:
             parallel = 1
         if adapter is not None:
-            from kmismatch_lite.export_gguf import check_adapter
+            from kmismatch_lite.formats.export_gguf import check_adapter
 
             check_gguf(Path(adapter), "adapter")
             check_adapter(Path(adapter), model)  # llama.cpp accepts an adapter made for another base file

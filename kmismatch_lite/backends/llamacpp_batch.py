@@ -36,7 +36,7 @@ import numpy as np
 
 from kmismatch_lite.backends import common_length
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.prompts import clean_output
+from kmismatch_lite.qa.prompts import clean_output
 
 PREFIX_SEQ = 0
 CELL_BLOCK = 256          # contexts hold a multiple of this many cells (exact: per sequence)

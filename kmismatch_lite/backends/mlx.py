@@ -1,6 +1,6 @@
 """MLX generation and LoRA fine-tuning with mlx-lm (Apple Silicon; CPU on Linux).
 
-The generator decodes greedily (or by kmismatch_lite.sampling's seeded temperature sampling, on
+The generator decodes greedily (or by kmismatch_lite.qa.sampling's seeded temperature sampling, on
 the logits copied to numpy) with one KV cache kept across prompts, trimmed back to the longest
 token prefix shared with the next prompt, so a few-shot prefix is evaluated once. With
 `parallel=N` (N > 1), greedy answers are decoded N at once by mlx-lm's BatchGenerator (prompts
@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kmismatch_lite import cards, mlx_models
+from kmismatch_lite import cards
+from kmismatch_lite.formats import mlx_models
 from kmismatch_lite.backends import answer_each, common_length
-from kmismatch_lite.prompts import clean_output
+from kmismatch_lite.qa.prompts import clean_output
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 OPTIONS = {"source": str, "parallel": int}
 

@@ -2,7 +2,7 @@
 Ollama, LM Studio): stdlib HTTP in a thread pool, retries with exponential backoff, and a JSONL
 answer cache written as answers arrive, so an interrupted generation resumes where it stopped.
 
-Sampled answers send the temperature and each prompt's own seed (kmismatch_lite.sampling), with
+Sampled answers send the temperature and each prompt's own seed (kmismatch_lite.qa.sampling), with
 top_p 1 and, as extras, top_k 0 and min_p 0: plain temperature sampling. A server may ignore the
 seed (the OpenAI API calls it best effort; some servers drop it), and then sampled answers are not
 reproducible; the cache still keeps those it got, keyed by the sampling settings."""
@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 from kmismatch_lite.cards import Model
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.prompts import clean_output
-from kmismatch_lite.sampling import GREEDY, TRUNCATION, Sampling
+from kmismatch_lite.qa.prompts import clean_output
+from kmismatch_lite.qa.sampling import GREEDY, TRUNCATION, Sampling
 
 OPTIONS = {"endpoint": str, "api_key_env": str, "concurrency": int, "timeout": float,
            "retries": int, "backoff": float, "cache": str, "greedy_extras": bool}

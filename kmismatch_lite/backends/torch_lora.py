@@ -26,7 +26,7 @@ except ImportError:
 
 from kmismatch_lite import lora_data
 from kmismatch_lite.lora_data import epoch_dir
-from kmismatch_lite.hf_from_gguf import hf_folder
+from kmismatch_lite.formats.hf_from_gguf import hf_folder
 
 
 def load_base(model: Model, attention: str = "sdpa"):
@@ -247,7 +247,7 @@ def greedy_answers(model: Model, adapter_dir: Path | None, prompts: Sequence[str
                    device: str = "cpu") -> list[str]:
     """Greedy answers of the torch model (with the peft adapter in `adapter_dir`, if given),
     cut at the first newline, as llama.cpp's generator does."""
-    from kmismatch_lite.prompts import clean_output
+    from kmismatch_lite.qa.prompts import clean_output
 
     lm, tokenizer = load_base(model)
     if adapter_dir is not None:

@@ -43,7 +43,7 @@ def base_source(model: Model, source: str = "auto") -> str:
         if not repo:
             raise KmmError(f"model '{model.name}' has no Hugging Face repo in its card")
         return repo
-    from kmismatch_lite.hf_from_gguf import hf_folder
+    from kmismatch_lite.formats.hf_from_gguf import hf_folder
 
     return str(hf_folder(model))
 

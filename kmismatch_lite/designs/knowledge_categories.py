@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from kmismatch_lite import categories
+import kmismatch_lite.designs.categories as categories
 from kmismatch_lite.designs.report_parts import Table
 from kmismatch_lite.designs.stages import answer_stage, few_shot, questions
 from kmismatch_lite.designs.unit import CellContext, StageContext, StageRecord, Unit
 from kmismatch_lite.io import read_jsonl
-from kmismatch_lite.question import Question
+from kmismatch_lite.qa.question import Question
 from kmismatch_lite.settings import CellSettings
 
 COUNTS = ("n", "correct", "wrong", "abstained")

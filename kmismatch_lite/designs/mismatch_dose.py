@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kmismatch_lite import dose_response, scoring
+import kmismatch_lite.designs.dose_response as dose_response
+from kmismatch_lite.qa import scoring
 from kmismatch_lite.designs.report_parts import COLORS, Table, count, pts
 from kmismatch_lite.designs.stages import answer_stage, finetune_stage, finetuned_adapter, questions, zero_shot
 from kmismatch_lite.designs.unit import CellContext, StageContext, StageRecord, Unit
-from kmismatch_lite.dose import dose_name, dose_sets
+from kmismatch_lite.designs.dose import dose_name, dose_sets
 from kmismatch_lite.fingerprint import stage_code
 from kmismatch_lite.io import read_jsonl, sha256_file, write_json, write_jsonl
 from kmismatch_lite.settings import CellSettings

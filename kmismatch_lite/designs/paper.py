@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmismatch_lite import scoring, stats
+from kmismatch_lite import stats
+from kmismatch_lite.qa import scoring
 from kmismatch_lite.designs.stages import (answer_stage, data_stage, few_shot, finetune_stage, finetuned_adapter,
                                            questions, zero_shot)
 from kmismatch_lite.designs.unit import CellContext, StageContext, StageRecord, Unit
 from kmismatch_lite.fingerprint import stage_code
 from kmismatch_lite.io import write_json, write_jsonl
-from kmismatch_lite.question import Question
-from kmismatch_lite.scoring import tally_of
+from kmismatch_lite.qa.question import Question
+from kmismatch_lite.qa.scoring import tally_of
 from kmismatch_lite.settings import CellSettings
 
 CONDITIONS = ("base_student", "self", "teacher", "base_teacher")

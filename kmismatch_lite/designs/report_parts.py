@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kmismatch_lite import scoring
+from kmismatch_lite.qa import scoring
 
 Table = tuple[str, list[str], list[list[str]], str]  # (title, columns, rows, the sentence under it)
 

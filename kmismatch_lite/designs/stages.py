@@ -9,13 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from kmismatch_lite import check, data, prompts
+from kmismatch_lite import check
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.designs.unit import StageContext, StageRecord
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.fingerprint import stage_code
 from kmismatch_lite.io import write_json, write_jsonl
-from kmismatch_lite.question import Question
-from kmismatch_lite.sampling import GREEDY, Sampling
+from kmismatch_lite.qa.question import Question
+from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 Template = Callable[[StageContext], prompts.PromptTemplate]
 Adapter = Callable[[StageContext], tuple[Path, str]]

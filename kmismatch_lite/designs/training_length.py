@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmismatch_lite import epoch_curve
+import kmismatch_lite.designs.epoch_curve as epoch_curve
 from kmismatch_lite.designs.stages import answer_stage, zero_shot
 from kmismatch_lite.designs.unit import CellContext, StageContext, StageRecord, Unit, answered
-from kmismatch_lite.epoch_curve import epoch_condition
+from kmismatch_lite.designs.epoch_curve import epoch_condition
 from kmismatch_lite.settings import CellSettings
 from kmismatch_lite.lora_data import epoch_dir
 

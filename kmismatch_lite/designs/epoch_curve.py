@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kmismatch_lite import scoring
+from kmismatch_lite.qa import scoring
 from kmismatch_lite.finetune import LoraSettings
 from kmismatch_lite.io import read_jsonl
 

@@ -9,10 +9,10 @@ import random
 from math import comb
 from typing import Mapping, Sequence
 
-from kmismatch_lite import prompts, scoring
-from kmismatch_lite.data import Question
+from kmismatch_lite.qa import prompts, scoring
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.sampling import Sampling, derive_seed
+from kmismatch_lite.qa.sampling import Sampling, derive_seed
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 KNOWN = "Known"  # the cheap mode's only other category

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from kmismatch_lite import scoring
+from kmismatch_lite.qa import scoring
 from kmismatch_lite.errors import missing_extra
 
 

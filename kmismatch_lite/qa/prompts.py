@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from kmismatch_lite.data import Question
+from kmismatch_lite.qa.data import Question
 
 STOP = ["\n"]
 MAX_TOKENS = 16

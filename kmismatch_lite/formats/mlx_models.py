@@ -61,7 +61,7 @@ def hub_dir(model: cards.Model) -> Path:
 
 
 def cache_key(model: cards.Model) -> str:
-    from kmismatch_lite.hf_from_gguf import gguf_sha256
+    from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
 
     return f"{model.name}-{gguf_sha256(Path(model.gguf_path))[:16]}"
 
@@ -71,7 +71,7 @@ def converted_dir(model: cards.Model) -> Path:
     dest = CACHE / cache_key(model)
     if (dest / "config.json").is_file():
         return dest
-    from kmismatch_lite.hf_from_gguf import hf_folder
+    from kmismatch_lite.formats.hf_from_gguf import hf_folder
 
     convert_folder(hf_folder(model), dest, gguf_path=Path(model.gguf_path))
     return dest
@@ -107,7 +107,7 @@ def gguf_affine_weights(gguf_path: Path, config: dict) -> dict:
     packed blocks move whole)."""
     import mlx.core as mx
 
-    from kmismatch_lite.export_gguf import unpermute_rows
+    from kmismatch_lite.formats.export_gguf import unpermute_rows
 
     raw = mx.load(str(gguf_path))
     out = {}
