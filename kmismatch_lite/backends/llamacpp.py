@@ -12,13 +12,12 @@ llamacpp_batch), and a sampled answer must not depend on the batch."""
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from kmismatch_lite.backends import answer_each, common_length
+from kmismatch_lite.backends import answer_each, common_length, cpu_threads
 from kmismatch_lite.qa.prompts import clean_output
 from kmismatch_lite.cards import Model, check_gguf
 from kmismatch_lite.errors import KmmError, missing_extra
@@ -86,7 +85,7 @@ class LlamaCppGenerator:
         if parallel is None:
             parallel = PARALLEL if n_gpu_layers == 0 else 1
         self.model, self.adapter, self.seed, self.parallel, self.exact = model, adapter, seed, parallel, exact
-        threads = threads or max(1, (os.cpu_count() or 2))
+        threads = threads or cpu_threads()
         try:
             self.llm = _quiet_llama(
                 model_path=str(model.gguf_path), n_ctx=n_ctx, seed=seed,

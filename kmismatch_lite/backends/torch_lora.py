@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -25,13 +24,14 @@ except ImportError:
     raise missing_extra("torch, transformers and peft", "torch") from None
 
 from kmismatch_lite import lora_data
+from kmismatch_lite.backends import cpu_threads
 from kmismatch_lite.lora_data import epoch_dir
 from kmismatch_lite.formats.hf_from_gguf import hf_folder
 
 
 def load_base(model: Model, attention: str = "sdpa"):
     """(causal LM in float32 with `attention`, tokenizer) from the student's GGUF, with all CPU
-    cores in use (OMP_NUM_THREADS, where set, says how many)."""
+    cores in use (KMM_THREADS or OMP_NUM_THREADS, where set, says how many)."""
     torch.set_num_threads(threads())
     transformers.utils.logging.disable_progress_bar()  # our own bar is the only one on stderr
     folder = hf_folder(model)
@@ -42,11 +42,8 @@ def load_base(model: Model, attention: str = "sdpa"):
 
 
 def threads() -> int:
-    """OMP_NUM_THREADS where set, else the cores this process may run on (taskset, cgroups)."""
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The threads torch computes with (backends.cpu_threads)."""
+    return cpu_threads()
 
 
 class TorchTrainer:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from kmismatch_lite import check
-from kmismatch_lite.qa import data, prompts
+from kmismatch_lite.backends import cpu_threads
 from kmismatch_lite.designs.unit import StageContext, StageRecord
 from kmismatch_lite.errors import KmmError
 from kmismatch_lite.fingerprint import stage_code
 from kmismatch_lite.io import write_json, write_jsonl
+from kmismatch_lite.qa import data, prompts
 from kmismatch_lite.qa.question import Question
 from kmismatch_lite.qa.sampling import GREEDY, Sampling
 
@@ -105,8 +106,10 @@ def finetune_stage(cond: str, sets: str, set_key: Callable[[StageContext, Path],
     def inputs(ctx: StageContext) -> dict:
         f = ctx.settings.finetune
         # Every resolved setting is in the key: a changed default retrains instead of reusing.
+        # A CPU fine-tune's sums depend on how many threads share them: the count is in the key.
+        threads = {"threads": cpu_threads()} if f.backend == "torch" else {}
         return {**set_key(ctx, set_file(ctx)), "student": ctx.model_keys["student"],
-                "finetune": ctx.settings.section("finetune"), "lora": asdict(f.lora),
+                "finetune": ctx.settings.section("finetune"), "lora": asdict(f.lora), **threads,
                 "code": stage_code("finetune", f.backend)}
 
     def work(ctx: StageContext, tmp: Path) -> None:
