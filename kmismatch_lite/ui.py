@@ -87,33 +87,50 @@ def error(message: str) -> None:
 
 
 class _Board:
-    """One bar over a run's stages (done of all, elapsed, eta; running and left after it) and a
+    """One bar over a run's stages (done of all, elapsed, eta, how many run and are left) and a
     line per running stage with its own elapsed time."""
 
-    def __init__(self, progress: Progress, total: int) -> None:
-        self.progress, self.total, self.running = progress, total, {}
-        self.task = progress.add_task("stages", total=total, info="")
+    def __init__(self, overall: Progress, lines: Progress, total: int) -> None:
+        self.overall, self.lines, self.total, self.running = overall, lines, total, {}
+        self.task = overall.add_task(self._description(0), total=total)
 
-    def _info(self) -> None:
-        done = int(self.progress.tasks[self.task].completed)
-        left = self.total - done - len(self.running)
-        self.progress.update(self.task, info=f"{len(self.running)} running, {left} left")
+    def _description(self, done: int) -> str:
+        return f"stages: {len(self.running)} running, {self.total - done - len(self.running)} left"
+
+    def _update(self) -> None:
+        done = int(self.overall.tasks[0].completed)
+        self.overall.update(self.task, description=self._description(done))
 
     def start(self, name: str) -> None:
-        self.running[name] = self.progress.add_task(f"  {name}", total=None, info="")
-        self._info()
+        self.running[name] = self.lines.add_task(name)
+        self._update()
 
     def finish(self, name: str) -> None:
         task = self.running.pop(name, None)
         if task is not None:
-            self.progress.remove_task(task)
-        self.progress.advance(self.task)
-        self._info()
+            self.lines.remove_task(task)
+        self.overall.advance(self.task)
+        self._update()
 
 
 @contextmanager
 def stages_board(total: int) -> Iterator[_Board]:
-    """The progress of stages computed at once (`kmm run --jobs`), on stderr."""
-    with Progress(*progress_columns(err.width, total), console=err, transient=False,
-                  disable=not err.is_terminal) as progress:
-        yield _Board(progress, total)
+    """The progress of stages computed at once (`kmm run --jobs`), on stderr: the bar keeps its
+    counts and times on a narrow terminal, each running stage's line its name and time."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import SpinnerColumn
+
+    description, bar, _ = _widths(err.width, total)
+    description = max(description, len("stages: 99 running, 999 left"))
+    overall = Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=description)),
+                       BarColumn(bar_width=max(6, bar - 6)), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("eta"), TimeRemainingColumn(), console=err)
+    lines = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True,
+                     overflow="ellipsis", max_width=max(err.width - 12, 20))), TimeElapsedColumn(), console=err)
+    board = _Board(overall, lines, total)
+    if not err.is_terminal:
+        yield board
+        return
+    with Live(Group(overall, lines), console=err, transient=False):
+        yield board

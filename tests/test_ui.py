@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -34,3 +35,19 @@ def test_counts_and_times_survive_a_narrow_terminal(width, total, done):
 def test_a_wide_terminal_shows_everything():
     line = _line(160, 180, 90, "fine-tuning smollm2-135m-instruct (torch)", "loss=1.234 tok_s=204")
     assert line.startswith("fine-tuning smollm2-135m-instruct (torch) ") and line.endswith("loss=1.234 tok_s=204")
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_stages_board_keeps_its_counts_and_each_running_stage(monkeypatch, width):
+    buf = io.StringIO()
+    monkeypatch.setattr(ui, "err", Console(file=buf, width=width, force_terminal=True, color_system=None))
+    long = "seed-12/finetune.lora.rank=8/evaluate/dose-0.5-epoch-2"
+    with ui.stages_board(120) as board:
+        for name in ("seed-0/data", "seed-0/generate/teacher", long):
+            board.start(name)
+        board.finish("seed-0/data")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).replace("\r", "\n")
+    last = [line for line in text.splitlines() if line.strip()][-3:]
+    assert last[0].startswith("stages: 2 running, 117 left ") and " 1/120 " in last[0] and "eta" in last[0]
+    assert long in last[2] and "seed-0/generate/teacher" in last[1]
+    assert all(len(line) <= width for line in last)
