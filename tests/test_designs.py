@@ -245,8 +245,12 @@ def test_cell_results_hold_each_conditions_verdicts_by_epoch(tmp_path):
     assert table[4][:5] == ["dose-1", "1", "1", "3", "2"] and table[5][5].startswith("66.7% [")
     assert "dose-1 50.0% after epoch 1, 66.7% after epoch 2" in text and "Epoch 2 is the condition's own" in text
     assert "## Training length" in report_designs.markdown(res) and "(epochs.png)" in report_designs.markdown(res)
-    report_designs.figures([("", res)], res, tmp_path)
-    assert (tmp_path / "epochs.png").stat().st_size > 1000
+    from test_figures import errorbars, figures_drawn, only_axes
+
+    with figures_drawn() as drawn:
+        report_designs.figures([("", res)], res, tmp_path)
+    assert set(drawn) == {tmp_path / f"{k}.png" for k in ("dose", "categories", "epochs")}
+    assert list(errorbars(only_axes(drawn[tmp_path / "epochs.png"]))) == ["self", "teacher", "dose-1"]
 
 
 def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
@@ -276,8 +280,13 @@ def test_tables_markdown_and_figures(tmp_path):
     assert "+50.0 points per unit dose" in mismatch_dose.text(res["dose"])
     md = report_designs.markdown(res)
     assert "## Mismatch dose" in md and "| dose-1 | 1 / 2 (25%) | 3 / 4 (75%) |" in md and "(dose.png)" in md
-    report_designs.figures([("", res)], res, tmp_path)
-    assert (tmp_path / "dose.png").stat().st_size > 1000 and (tmp_path / "categories.png").stat().st_size > 1000
+    from test_figures import bars, errorbars, figures_drawn, only_axes
+
+    with figures_drawn() as drawn:
+        report_designs.figures([("", res)], res, tmp_path)
+    assert set(drawn) == {tmp_path / "dose.png", tmp_path / "categories.png"}
+    assert list(errorbars(only_axes(drawn[tmp_path / "dose.png"]))) == [C, W, A]
+    assert list(bars(only_axes(drawn[tmp_path / "categories.png"]))) == ["Known", "Unknown"]
     assert report_designs.markdown({}) == "" and report_designs.tables({}) == []
 
 
