@@ -1,6 +1,7 @@
 """A scripted OpenAI-compatible server on 127.0.0.1 for the openai backend's tests.
 
-Each request takes the next step of `script` (an HTTP status such as "429", "drop",
+Each request takes the next step of `script` (an HTTP status such as "429", one with its Retry-After
+such as "429@1.5", "drop",
 "sleep:SECONDS", "garbage", "nochoices"), then "ok" once the script is spent. "ok" answers a completion with `answer(question)`,
 where the question is the prompt's last `Question:` line. Every request is recorded."""
 
@@ -40,6 +41,7 @@ class FakeServer(ThreadingHTTPServer):
     def next_step(self, record: dict) -> str:
         with self.lock:
             record["step"] = self.script.pop(0) if self.script else "ok"
+            record["time"] = time.monotonic()
             self.requests.append(record)
             return record["step"]
 
@@ -73,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
     def _respond(self, step: str, record: dict) -> None:
         if step.isdigit():
             return self._json(int(step), {"error": {"message": f"scripted {step}"}}, {"Retry-After": "0"})
+        if "@" in step:  # "429@1.5": the status with Retry-After: 1.5
+            status, after = step.split("@")
+            return self._json(int(status), {"error": {"message": f"scripted {status}"}}, {"Retry-After": after})
         if step == "drop":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # no status line: the client sees a drop

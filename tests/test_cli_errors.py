@@ -3,6 +3,7 @@ traceback, and no --out folder left behind. Runs `python -m kmismatch_lite` as a
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -248,10 +249,30 @@ def unwritable(tmp_path):
         locked.mkdir(mode=0o500)
         yield locked
         locked.chmod(0o700)
+    elif (ro := _read_only_mount(tmp_path / "ro")) is not None:
+        try:
+            yield ro
+        finally:
+            subprocess.run(["umount", str(ro)], capture_output=True)
     elif os.path.isdir("/sys") and not os.access("/sys", os.W_OK):
         yield Path("/sys")
     else:
-        pytest.skip("root may write any folder here and no read-only mount was found")
+        pytest.skip("root may write any folder here, a read-only tmpfs cannot be mounted, and no read-only "
+                    "mount was found")
+
+
+def _read_only_mount(folder: Path) -> Path | None:
+    """`folder` as a read-only tmpfs (root with the right to mount), else None."""
+    folder.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if res.returncode != 0:
+        return None
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+    return None
 
 
 def test_output_folder_not_writable(tmp_path, fake_model, questions, unwritable):

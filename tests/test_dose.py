@@ -172,3 +172,18 @@ def test_by_verdict_splits_the_three_rates():
     rows[1.0] = rows[1.0][::-1]
     with pytest.raises(ValueError, match="seed 0: the doses were not evaluated on the same questions"):
         dose_response.by_verdict([rows])
+
+
+def test_the_two_sets_and_the_mismatch_rate_every_run_prints():
+    # teacher right on q0 q1 q2 q5, the student on q0 q4: the teacher's set answers 4, 3 of them
+    # facts the student did not know (q1 q2 q5), so the mismatch rate is 3/4.
+    train, teacher, student = table([(C, C), (C, W), (C, A), (W, W), (A, C), (C, W)])
+    self_set, teacher_set, stats = build_sets(train, teacher, student)
+    gold = {q.id: q.answers[0] for q in train}
+    assert [r["target"] for r in teacher_set] == [gold["q0"], gold["q1"], gold["q2"], scoring.ABSTAIN_TARGET,
+                                                  scoring.ABSTAIN_TARGET, gold["q5"]]
+    assert [r["target"] for r in self_set] == [gold["q0"]] + [scoring.ABSTAIN_TARGET] * 3 + [gold["q4"],
+                                                                                            scoring.ABSTAIN_TARGET]
+    assert stats == {"n": 6, "teacher_answered": 4, "self_answered": 2, "both_answered": 1, "teacher_only": 3,
+                     "self_only": 1, "mismatch_rate": 0.75}
+    assert [r["question"] for r in teacher_set] == [q.question for q in train]

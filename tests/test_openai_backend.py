@@ -297,3 +297,35 @@ def test_the_api_key_never_reaches_a_run_manifest(monkeypatch):
     text = json.dumps(manifest)
     assert "served-teacher" in text and "http://127.0.0.1:9/v1" in text
     assert secret not in text
+
+
+def _gaps(server) -> list[float]:
+    times = [r["time"] for r in server.requests]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_a_retry_waits_as_long_as_retry_after_says():
+    with serve(["429@1.2"]) as server:
+        assert ask(server, ["Capital of Peru?"], backoff=0.01) == ["answer to Capital of Peru?"]
+        (gap,) = _gaps(server)
+    # Retry-After, plus up to a quarter of jitter (and the request's own time); never the tiny backoff.
+    assert 1.2 <= gap < 1.2 * 1.25 + 0.5
+
+
+def test_without_retry_after_the_wait_doubles_each_attempt():
+    with serve(["drop", "drop"]) as server:
+        assert ask(server, ["Capital of Peru?"], backoff=0.4) == ["answer to Capital of Peru?"]
+        first, second = _gaps(server)
+    assert 0.4 <= first < 0.4 * 1.25 + 0.4 and 0.8 <= second < 0.8 * 1.25 + 0.4
+
+
+def test_a_long_retry_after_is_capped():
+    from kmismatch_lite.backends import openai
+
+    with serve([]) as server:
+        gen = generator(server)
+        try:
+            delays = [gen._delay(0, 3600.0) for _ in range(50)]
+        finally:
+            gen.close()
+    assert all(openai.MAX_DELAY <= d <= openai.MAX_DELAY * 1.25 for d in delays)

@@ -196,3 +196,19 @@ def test_the_fine_tune_base_weights_are_a_setting_checked_at_load(tmp_path):
         recipes.load(write(tmp_path, BASE), ["finetune.lora.base_weights=hub"])
     with pytest.raises(KmmError, match="base_weights"):
         recipes.load(write(tmp_path, BASE), ["finetune.lora.base_weights=s3"])
+
+
+def test_the_quickstart_and_classroom_run_the_settings_the_readme_states():
+    # README: SmolLM2-135M student, Gemma 3 270M teacher, 400 GeoNames test questions, a LoRA with a
+    # dev split and a linear decay from 5e-4 for at most 4 epochs; the classroom is the quickstart over
+    # seeds 0-4.
+    q = recipes.load("quickstart")
+    assert q["models"] == {"student": "smollm2-135m-instruct", "teacher": "gemma-3-270m"}
+    assert (q["data"]["dataset"], q["data"]["test"], q["data"]["shots"]) == ("geonames", 400, 3)
+    lora = q["finetune"]["lora"]
+    assert lora["dev_fraction"] > 0 and lora["lr_schedule"] == "linear"
+    assert lora["learning_rate"] == 5e-4 and lora["epochs"] == 4 and q["seed"] == 0
+    c = recipes.load("classroom")
+    assert c["seeds"] == [0, 1, 2, 3, 4]
+    same = {k: v for k, v in q.items() if k not in ("name", "description", "seed", "recipe_file")}
+    assert same == {k: v for k, v in c.items() if k not in ("name", "description", "seeds", "recipe_file")}
