@@ -622,3 +622,28 @@ def test_exported_qk_lora_matches_torch_logits_in_llama_cpp(name, scale, tmp_pat
         monkeypatch.setattr(export_gguf, "PERMUTED_ARCHS", set())
         wrong = export_gguf.export_lora_gguf(lora, alpha=16.0, base=model, out_path=tmp_path / "wrong.gguf")
         assert _gap(llama_cpp(wrong), with_lora) > 4 * noise
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_the_rate_schedule_reaches_the_optimizer(tmp_path, monkeypatch, schedule):
+    import peft
+    import torch
+
+    from kmismatch_lite.backends.torch_lora import fit
+
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    examples = [{"question": f"what is {w}?", "target": w[::-1]} for w in ("abc", "dog", "sky", "tree")]
+    s = LoraSettings(epochs=2, batch_size=2, learning_rate=0.2, compute="float32", lr_schedule=schedule)
+    out = fit(model, CharTokenizer(), examples, s, tmp_path)
+    n = out["steps"]
+    assert n == 4 and len(rates) == n
+    expected = [0.2 * (1 - i / n) for i in range(n)] if schedule == "linear" else [0.2] * n
+    assert rates == pytest.approx(expected)
