@@ -153,11 +153,12 @@ def test_smoke_recipe_with_unsloth_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The smoke recipe's 3 steps leave near-tie answers, which the Q4_1-versus-float32 difference
-    # flips (0.80 agreement measured on an H200, the export's own error nil): faithfulness is
-    # asserted on a decisive adapter above; here the check must run and record its figures.
+    # flips: 0.80 and 0.85 agreement measured on an H200 (32 and 34 of 40 prompts, the export's own
+    # error nil, docs/measurements.md), so 0.80 is the bar; faithfulness on a decisive adapter is
+    # asserted above.
     for name in ("self", "teacher"):
         verify = json.loads((out / "finetune" / name / "verify.json").read_text())
         assert verify["trainer"] == "unsloth" and verify["prompts"] == len(verify["samples"]) > 0, verify
-        assert 0 <= verify["adapter_vs_trainer"] <= 1 and 0 <= verify["adapter_vs_base"] <= 1, verify
+        assert verify["adapter_vs_trainer"] >= 0.80, verify
     res = json.loads((out / "results.json").read_text())
     assert set(res["conditions"]) == {"base_student", "self", "teacher", "base_teacher"}
