@@ -181,3 +181,21 @@ def test_an_unknown_hub_repo_is_one_line(hub):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert res.returncode == 1 and len(lines) == 1 and "could not download" in lines[0], res.stderr
     shutil.rmtree(hub.home / "hub" / "models--kmm-test--absent", ignore_errors=True)
+
+
+def test_pull_a_card_by_name(hub, tmp_path):
+    """`kmm pull NAME` of a card whose GGUF is on the hub downloads the card's file into the hub
+    cache, and finds it there again offline."""
+    cards_dir = tmp_path / "cards"
+    cards_dir.mkdir()
+    (cards_dir / "tiny-hub.toml").write_text(
+        'name = "tiny-hub"\nfamily = "llama"\nparams = "135M"\nlicense = "Apache-2.0"\nprompt_style = "base"\n'
+        'description = "A hub card for tests."\n\n'
+        f'[gguf]\nhf_repo = "{GGUF_REPO}"\nhf_file = "model-q8.gguf"\n')
+    env = {**online(hub), "KMM_MODELS_DIR": str(cards_dir)}
+    res = run_kmm("pull", "tiny-hub", env=env)
+    assert res.returncode == 0, res.stderr
+    path = res.stdout.strip().splitlines()[-1]
+    assert path.startswith(str(hub.home)) and path.endswith("model-q8.gguf") and os.path.getsize(path) > 1 << 20
+    again = run_kmm("pull", "tiny-hub", env={**offline(hub), "KMM_MODELS_DIR": str(cards_dir)})
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == path
