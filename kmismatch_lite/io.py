@@ -107,11 +107,18 @@ def remove_temps(root: str | Path, folders: bool = True) -> list[Path]:
     return removed
 
 
-def _lock(path: Path):
-    from filelock import FileLock
+def _hold(path: Path, on_wait: Callable[[], None]):
+    """A filelock on `path`, acquired: at once where it is free, else after `on_wait()`, waiting."""
+    from filelock import FileLock, Timeout
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        on_wait()
+        lock.acquire()
+    return lock
 
 
 @contextmanager
@@ -119,15 +126,8 @@ def stage_lock(folder: str | Path, on_wait: Callable[[], None] = lambda: None) -
     """Hold the lock of one stage folder (`parent/.NAME.lock`) for the block, waiting (after
     `on_wait()`) for the worker or run that holds it; then remove the temporary folders a killed
     writer of this stage left beside it. The system releases the lock when its process dies."""
-    from filelock import Timeout
-
     folder = Path(folder)
-    lock = _lock(folder.parent / f".{folder.name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        on_wait()
-        lock.acquire()
+    lock = _hold(folder.parent / f".{folder.name}.lock", on_wait)
     try:
         for tmp in folder.parent.glob(f".{folder.name}.*"):
             if _TEMP_NAME.match(tmp.name) and tmp.is_dir():
@@ -147,20 +147,16 @@ def run_lock(folder: str | Path, log: Callable[[str], None] = print, stages_too:
     The lock is `filelock` on `folder/.lock` (flock on Linux and macOS, LockFileEx on Windows):
     the system releases it when its process dies, so a killed run never leaves a stale lock
     behind. The holder's pid is in `folder/.lock.pid`, for the message a waiting run prints."""
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+
+    def waiting() -> None:
         try:
             holder = (folder / ".lock.pid").read_text(encoding="utf-8").strip() or "?"
         except OSError:
             holder = "?"
         log(f"{folder} is in use by another run (pid {holder}); waiting for it to finish")
-        lock.acquire()
+
+    lock = _hold(folder / ".lock", waiting)
     try:
         with open(folder / ".lock.pid", "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")

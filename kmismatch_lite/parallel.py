@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterator
 from kmismatch_lite import cards, plan as planning
 from kmismatch_lite.backends import THREADS_ENV
 from kmismatch_lite.errors import KmmError
-from kmismatch_lite.stage_run import own_stages, stage_context, stage_once
+from kmismatch_lite.stage_run import model_key, own_stages, stage_context, stage_once
 
-EXECUTORS = ("local", "ray")
 # Resident memory of one worker on the classroom recipe's models (peak of a one-seed run, 1.98 GB,
 # rounded up): `--jobs auto` runs no more workers than the free memory holds.
 WORKER_GB = 2.5
@@ -90,14 +89,6 @@ def _model(spec: str) -> cards.Model:
     return cards.resolve(spec)
 
 
-@lru_cache(maxsize=None)
-def _model_key(spec: str) -> Any:
-    from kmismatch_lite.io import sha256_file
-
-    m = _model(spec)
-    return [m.name, sha256_file(m.gguf_path) if m.gguf_path else m.url]
-
-
 def work_stage(recipe_json: str, out: str, cell_index: int, name: str, needs: dict[str, tuple[str, str]],
                threads: int, cwd: str) -> tuple[str, str, bool, float] | None:
     """Run one stage (a worker's task): (folder, key, whether it ran, seconds), or None where the
@@ -107,9 +98,8 @@ def work_stage(recipe_json: str, out: str, cell_index: int, name: str, needs: di
     if os.path.isdir(cwd):
         os.chdir(cwd)
     cell = _plan(recipe_json).cells[cell_index]
-    specs = {role: cell.recipe["models"][role] for role in ("student", "teacher")}
-    models = {role: _model(spec) for role, spec in specs.items()}
-    keys = {role: _model_key(spec) for role, spec in specs.items()}
+    models = {role: _model(cell.recipe["models"][role]) for role in ("student", "teacher")}
+    keys = {role: model_key(m) for role, m in models.items()}
     done = {n: (Path(folder), key) for n, (folder, key) in needs.items()}
     ctx = stage_context(Path(out), cell, name, models, keys, done)
     if ctx is None:
@@ -237,7 +227,7 @@ def run_stages(recipe: dict, out: Path, the_plan: planning.Plan, *, jobs: int, t
                 if board:
                     board.start(folder)
             if not running:
-                if any(f not in results for f in todo) and not _runnable(todo, results):
+                if not _runnable(todo, results):
                     raise RuntimeError("the plan has a stage whose needs never finish")
                 continue
             for handle in pool.wait_any(list(running)):

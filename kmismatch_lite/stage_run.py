@@ -12,7 +12,13 @@ from typing import Any, Callable
 from kmismatch_lite import cards, plan as planning
 from kmismatch_lite.backends import cpu_threads
 from kmismatch_lite.designs.unit import StageContext
-from kmismatch_lite.io import atomic_dir, sha256_text, stage_lock, write_json
+from kmismatch_lite.io import atomic_dir, sha256_file, sha256_text, stage_lock, write_json
+
+
+def model_key(model: cards.Model) -> tuple:
+    """What names a model in a stage's key: its name and its file's sha256 (its URL if served);
+    sha256_file reads each file once per process."""
+    return model.name, sha256_file(model.gguf_path) if model.gguf_path else model.url
 
 
 def key_of(obj: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import kmismatch_lite.designs.epoch_curve as epoch_curve
 from kmismatch_lite.designs.stages import answer_stage, zero_shot
@@ -24,8 +25,9 @@ def evaluations(s: CellSettings, finetuned: list[str]) -> list[tuple[str, int]]:
     return [(cond, n) for cond in finetuned for n in range(1, last + 1)]
 
 
-def _finetuned(records: list[StageRecord]) -> list[str]:
-    return [r.name.split("/", 1)[1] for r in records if r.name.startswith("finetune/")]
+def _finetuned(stage_names: Iterable[str]) -> list[str]:
+    """The conditions with a fine-tune of their own, from a cell's stage names."""
+    return [n.split("/", 1)[1] for n in stage_names if n.startswith("finetune/")]
 
 
 def _epoch_adapter(cond: str, epoch: int):
@@ -37,7 +39,7 @@ def _epoch_adapter(cond: str, epoch: int):
 
 def stages(s: CellSettings, earlier: list[StageRecord]) -> list[StageRecord]:
     out = []
-    for cond, epoch in evaluations(s, _finetuned(earlier)):
+    for cond, epoch in evaluations(s, _finetuned(r.name for r in earlier)):
         adapter = _epoch_adapter(cond, epoch)
         # An epoch a dev split's patience stopped before has no adapter, so no stage.
         out.append(answer_stage(f"evaluate/{epoch_condition(cond, epoch)}", "student", "test", zero_shot,
@@ -48,7 +50,7 @@ def stages(s: CellSettings, earlier: list[StageRecord]) -> list[StageRecord]:
 
 def cell(ctx: CellContext) -> dict:
     """Each fine-tuned condition's saved epochs' answers, and the epoch its own adapter is."""
-    finetuned = [n.split("/", 1)[1] for n in ctx.stages if n.startswith("finetune/")]
+    finetuned = _finetuned(ctx.stages)
     evaluated: dict[str, dict] = {}
     for cond, epoch in evaluations(ctx.settings, finetuned):
         folder = ctx.folders.get(f"evaluate/{epoch_condition(cond, epoch)}")
