@@ -53,7 +53,8 @@ def figures(entries: list[tuple[str, dict]], res: dict, out: Path) -> None:
             # A rerun without the design must not leave an earlier run's figure beside the report.
             (out / f"{unit.key}.png").unlink(missing_ok=True)
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+        width, height = unit.panel_size
+        fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
         for ax, (label, section) in zip(axes[0], panels):
             unit.panel(ax, section)
             ax.set_title(f"{title}{': ' + label if label else ''}", fontsize=9)

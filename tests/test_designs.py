@@ -4,6 +4,9 @@ evaluations."""
 
 from collections import Counter
 
+import numpy as np
+from scipy import stats as scipy_stats
+
 import pytest
 
 from kmismatch_lite import designs, plan, recipes, report_designs, settings
@@ -245,12 +248,38 @@ def test_cell_results_hold_each_conditions_verdicts_by_epoch(tmp_path):
     assert table[4][:5] == ["dose-1", "1", "1", "3", "2"] and table[5][5].startswith("66.7% [")
     assert "dose-1 50.0% after epoch 1, 66.7% after epoch 2" in text and "Epoch 2 is the condition's own" in text
     assert "## Training length" in report_designs.markdown(res) and "(epochs.png)" in report_designs.markdown(res)
-    from test_figures import errorbars, figures_drawn, only_axes
+    from test_figures import errorbars, figures_drawn
 
     with figures_drawn() as drawn:
         report_designs.figures([("", res)], res, tmp_path)
     assert set(drawn) == {tmp_path / f"{k}.png" for k in ("dose", "categories", "epochs")}
-    assert list(errorbars(only_axes(drawn[tmp_path / "epochs.png"]))) == ["self", "teacher", "dose-1"]
+    rates_axes, difference_axes = drawn[tmp_path / "epochs.png"].axes
+    assert list(errorbars(rates_axes)) == ["self", "teacher", "dose-1"]
+    assert list(errorbars(difference_axes)) == ["teacher minus self"]
+
+
+def hand_difference(teacher: list[str], self_: list[str]) -> tuple[float, float]:
+    """Mean paired difference in wrong answers and its standard error, worked out by hand."""
+    d = np.array([(t == W) - (s == W) for t, s in zip(teacher, self_)], dtype=float)
+    return d.mean(), np.sqrt(((d - d.mean()) ** 2).mean() / len(d))
+
+
+def test_one_seeds_teacher_minus_self_by_epoch_has_its_paired_normal_interval():
+    ev = evaluated()
+    e = cell(ev, epochs=True)["epochs"]
+    first, _ = epoch_one(ev)
+    verdicts = {1: {c: [r["verdict"] for r in first[c][1][0]] for c in ("teacher", "self")},
+                2: {c: [r["verdict"] for r in ev[c][0]] for c in ("teacher", "self")}}
+    assert [d["epoch"] for d in e["difference"]] == [1, 2]
+    z = scipy_stats.norm.ppf(0.975)
+    for d in e["difference"]:
+        mean, se = hand_difference(verdicts[d["epoch"]]["teacher"], verdicts[d["epoch"]]["self"])
+        assert d["seeds"] == [0] and d["method"] == "paired normal"
+        assert d["estimate"] == pytest.approx(mean) and d["standard_errors"] == [pytest.approx(se)]
+        assert d["ci"] == pytest.approx([mean - z * se, mean + z * se])
+    assert e["difference"][0]["estimate"] == pytest.approx(1 / 6) and e["difference"][1]["estimate"] == pytest.approx(1 / 6)
+    _, _, _, text = report_designs.tables({"student": "s", "teacher": "t", **cell(ev, epochs=True)})[-1]
+    assert "Teacher minus self in wrong-answer rate (one seed, 95% paired normal intervals): epoch 1 +16.7 points" in text
 
 
 def test_pooled_categories_sum_counts_and_recompute_shares(tmp_path):
@@ -314,6 +343,15 @@ def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_pat
     epoch = entry["epochs"]["conditions"]["dose-1"]["by_epoch"][0]
     assert entry["epochs"]["seeds"] == 2 and [c["seed"] for c in epoch["counts"]] == [0, 1]
     assert epoch["rates"][W] == pytest.approx(sum(c["wrong"] for c in epoch["counts"]) / 12)
+    # Both seeds' teacher and self answers agree, so tau² is 0 and the random-effects interval is
+    # the t interval (1 df) at the fixed-effect standard error: sqrt(v / 2) for two equal variances.
+    ev = evaluated()
+    mean, se = hand_difference([r["verdict"] for r in ev["teacher"][0]], [r["verdict"] for r in ev["self"][0]])
+    last = entry["epochs"]["difference"][-1]
+    assert last["epoch"] == 2 and last["seeds"] == [0, 1] and last["method"] == "random effects"
+    assert last["estimate"] == pytest.approx(mean) and last["tau"] == pytest.approx(0)
+    half = scipy_stats.t.ppf(0.975, 1) * se / np.sqrt(2)
+    assert last["ci"] == pytest.approx([mean - half, mean + half])
     md = (tmp_path / "report.md").read_text()
     assert "#### Mismatch dose" in md and "#### Knowledge categories" in md and "Over 2 seeds" in md
     assert "#### Training length" in md and "over 2 seeds, 95% intervals from a hierarchical bootstrap" in md
@@ -323,3 +361,17 @@ def test_a_many_seed_report_pools_the_designs_and_kmm_report_prints_them(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert "Mismatch dose" in proc.stdout and "summed over seeds" in proc.stdout
     assert "Training length" in proc.stdout and "wrong-answer rate (95%)" in proc.stdout
+
+
+def test_with_a_dev_split_each_epoch_carries_its_dev_loss_and_the_table_shows_it():
+    ev = evaluated()
+    recipe = load(*EPOCHS, "finetune.lora.dev_fraction=0.25")
+    first, _ = epoch_one(ev)
+    by_epoch = {c: {1: first[c][1], 2: ev[c]} for c in ("self", "teacher")}
+    losses = {"self": {1: 1.25, 2: 1.5}, "teacher": {1: 2.0, 2: 1.75}}
+    e = epoch_curve.cell_section(recipe, ev, (by_epoch, {"self": 1, "teacher": 2}), losses)
+    assert e["dev_split"] and [x["dev_loss"] for x in e["conditions"]["self"]["by_epoch"]] == [[1.25], [1.5]]
+    rows = epoch_curve.rows(e)
+    assert epoch_curve.COLUMNS[-1] == "dev loss" and [r[-1] for r in rows] == ["1.2500", "1.5000", "2.0000", "1.7500"]
+    no_dev = epoch_curve.cell_section(load(*EPOCHS), ev, epoch_one(ev))
+    assert all(r[-1] == "-" for r in epoch_curve.rows(no_dev))

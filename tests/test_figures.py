@@ -234,8 +234,8 @@ def test_categories_figure_stacks_wrong_answers_by_category(tmp_path):
 
 def assert_epochs_figure(fig: Figure, expected: dict[str, list[float]]) -> None:
     """epochs.png: one series per condition, its wrong-answer rate (points) at epochs 1, 2, ...,
-    each condition's points set a little aside from the epoch."""
-    ax = only_axes(fig)
+    each condition's points set a little aside from the epoch; below, teacher minus self."""
+    ax, below = fig.axes
     series = errorbars(ax)
     assert list(series) == list(expected)
     for cond, (x, y, ends) in series.items():
@@ -243,6 +243,9 @@ def assert_epochs_figure(fig: Figure, expected: dict[str, list[float]]) -> None:
         assert list(y) == pytest.approx(expected[cond]), cond
         assert np.all(ends[:, 0] <= y + 1e-9) and np.all(y <= ends[:, 1] + 1e-9)
     assert list(ax.get_xticks()) == list(range(1, max(map(len, expected.values())) + 1))
+    (x, y, _), = errorbars(below).values()
+    assert list(x) == list(range(1, len(expected["teacher"]) + 1))
+    assert list(y) == pytest.approx(np.array(expected["teacher"]) - np.array(expected["self"]))
 
 
 def test_epochs_figure_draws_each_conditions_wrong_rate_by_epoch(tmp_path):

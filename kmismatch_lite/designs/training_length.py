@@ -57,16 +57,18 @@ def cell(ctx: CellContext) -> dict:
         if folder is not None:
             evaluated.setdefault(cond, {})[epoch] = answered(folder)
             ctx.samples[epoch_condition(cond, epoch)] = evaluated[cond][epoch][0]
-    kept = {}
+    kept, dev_losses = {}, {}
     for cond in finetuned:
         info = json.loads((ctx.folders[f"finetune/{cond}"] / "adapter" / "kmm_finetune.json").read_text(encoding="utf-8"))
         kept[cond] = info.get("best_epoch", info["settings"]["epochs"])
-    return epoch_curve.cell_section(dict(ctx.settings.raw), ctx.evaluated, (evaluated, kept))
+        dev_losses[cond] = {r["epoch"]: r["dev_loss"] for r in info.get("dev_log", [])}
+    return epoch_curve.cell_section(dict(ctx.settings.raw), ctx.evaluated, (evaluated, kept), dev_losses)
 
 
 NOTE = ("Each fine-tuned condition's LoRA as saved at the end of every epoch answers the test questions "
         "(zero-shot). Counts are means over seeds (each seed's wrong answers in brackets); rates are over "
-        "the test questions, with 95% intervals. A dose-0 condition is the self one.")
+        "the test questions, with 95% intervals; the dev loss is the dev split's loss after that epoch "
+        "(mean over seeds; - without a dev split). A dose-0 condition is the self one.")
 
 UNIT = Unit(
     key="epochs",
@@ -78,4 +80,5 @@ UNIT = Unit(
                            epoch_curve.rows(section), epoch_curve.text(section)),
     note=NOTE,
     panel=epoch_curve.panel,
+    panel_size=(6.5, 6.5),
 )

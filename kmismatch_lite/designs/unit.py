@@ -89,6 +89,7 @@ class Unit:
     table: Callable[[dict], Table] | None = None
     note: str = ""
     panel: Callable[[Any, dict], None] | None = None
+    panel_size: tuple[float, float] = (6.5, 4)  # inches, one section's panel
     files: tuple[str, ...] = ()
     manifest: Callable[[CellSettings, list[int]], dict] = lambda s, seeds: {}
 
