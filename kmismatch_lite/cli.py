@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -443,8 +445,7 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted("aborted")
     except click.ClickException as exc:
         _click_error(exc)
     except OSError as exc:
@@ -452,8 +453,19 @@ def main() -> None:
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted("interrupted")
+
+
+def _interrupted(message: str) -> NoReturn:
+    """Exit 130 after Ctrl-C, the run's own cleanup done. A further Ctrl-C from here on is ignored,
+    so the status stays 130: one arriving during the interpreter's shutdown would end the process
+    by the signal instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        print(message, file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(130)
 
 
 def _click_error(exc: click.ClickException) -> None:

@@ -45,7 +45,8 @@ def test_ctrl_c_mid_finetune_exits_130_cleans_up_and_resumes(tmp_path):
             time.sleep(0.2)
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        status = proc.wait(timeout=120)
+    assert status == 130, (tmp_path / "interrupted.log").read_text(errors="replace")[-3000:]
     assert _temps(out) == []
     assert not (out / "results.json").exists() and (out / "data" / "stage.json").is_file()
     for lock in (out / ".lock", out / "finetune" / ".self.lock"):
@@ -57,3 +58,29 @@ def test_ctrl_c_mid_finetune_exits_130_cleans_up_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage data: unchanged, reused" in proc.stderr and "stage finetune/self: running" in proc.stderr
     assert (out / "results.json").read_bytes() == (ref / "results.json").read_bytes()
+
+
+SECOND_CTRL_C = """
+import os, signal, sys
+from unittest import mock
+import kmismatch_lite.cli as cli
+
+class Stderr:
+    # A second Ctrl-C while the first one's message is being written.
+    def write(self, text):
+        os.kill(os.getpid(), signal.SIGINT)
+        return sys.__stderr__.write(text)
+    def flush(self):
+        sys.__stderr__.flush()
+
+sys.stderr = Stderr()
+with mock.patch.object(cli.cli, "main", side_effect=KeyboardInterrupt):
+    cli.main()
+"""
+
+
+def test_a_second_ctrl_c_while_exiting_keeps_the_status_130():
+    proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip() == "interrupted"
