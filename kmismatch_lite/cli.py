@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -457,14 +456,12 @@ def main() -> None:
 
 
 def _interrupted(message: str) -> NoReturn:
-    """Exit 130 after Ctrl-C, the run's own cleanup done. A further Ctrl-C from here on is ignored,
-    so the status stays 130: one arriving during the interpreter's shutdown would end the process
-    by the signal instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        print(message, file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
+    """Exit 130 after Ctrl-C, the run's own cleanup done. A KeyboardInterrupt raised inside an
+    exec() of source text (dataclass and namedtuple creation during an import do that) leaves
+    CPython's "uncaught Ctrl-C" flag set even once handled, and under `python -m` the interpreter
+    then ends itself by SIGINT instead of exiting 130; running any source text clears the flag."""
+    exec("pass")
+    print(message, file=sys.stderr)
     sys.exit(130)
 
 

@@ -60,27 +60,22 @@ def test_ctrl_c_mid_finetune_exits_130_cleans_up_and_resumes(tmp_path):
     assert (out / "results.json").read_bytes() == (ref / "results.json").read_bytes()
 
 
-SECOND_CTRL_C = """
-import os, signal, sys
+
+INTERRUPTED_IN_EXEC = """
 from unittest import mock
 import kmismatch_lite.cli as cli
 
-class Stderr:
-    # A second Ctrl-C while the first one's message is being written.
-    def write(self, text):
-        os.kill(os.getpid(), signal.SIGINT)
-        return sys.__stderr__.write(text)
-    def flush(self):
-        sys.__stderr__.flush()
-
-sys.stderr = Stderr()
-with mock.patch.object(cli.cli, "main", side_effect=KeyboardInterrupt):
+# Ctrl-C landing while source text runs through exec(), as it does when it lands in an import
+# that creates dataclasses.
+with mock.patch.object(cli.cli, "main", side_effect=lambda **kw: exec("raise KeyboardInterrupt")):
     cli.main()
 """
 
 
-def test_a_second_ctrl_c_while_exiting_keeps_the_status_130():
-    proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def test_ctrl_c_inside_exec_of_source_text_still_exits_130_under_python_m(tmp_path):
+    (tmp_path / "interrupted_in_exec.py").write_text(INTERRUPTED_IN_EXEC)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.strip() == "interrupted"
