@@ -9,7 +9,6 @@ import inspect
 import os
 import re
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 from kmismatch_lite.errors import KmmError, missing_extra
@@ -17,8 +16,10 @@ from kmismatch_lite.toml_strict import check_keys, read_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout's models/ folder, or, installed from a wheel, the copy inside the package.
-MODELS_DIR = Path(os.environ.get("KMM_MODELS_DIR") or next(
-    (d for d in (ROOT / "models", Path(__file__).resolve().parent / "bundled_cards") if d.is_dir()), ROOT / "models"))
+MODELS_DIR = next((d for d in (ROOT / "models", Path(__file__).resolve().parent / "bundled_cards") if d.is_dir()),
+                  ROOT / "models")
+# Folders of one's own cards, added to the bundled ones (several separated by os.pathsep).
+MODELS_ENV = "KMM_MODELS_DIR"
 # Everything the project writes outside a run folder (assembled GGUFs, converted models).
 CACHE = Path(os.environ.get("KMM_CACHE", Path.home() / ".cache" / "kmismatch_lite"))
 
@@ -92,16 +93,47 @@ def parse_card(path: Path) -> Card:
     )
 
 
-@cache
-def cards(models_dir: Path = MODELS_DIR) -> dict[str, Card]:
-    """Every card in `models_dir`, by name."""
+def card_dirs() -> list[Path]:
+    """The bundled cards' folder, then each folder KMM_MODELS_DIR names."""
+    extra = [Path(p).expanduser().absolute() for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p.strip()]
+    return [MODELS_DIR, *extra]
+
+
+def cards(models_dir: Path | None = None) -> dict[str, Card]:
+    """Every card by name: of `models_dir` alone, or the bundled ones with those of the folders
+    KMM_MODELS_DIR names added. A card of one's own with a bundled card's name replaces it (`kmm
+    models` says so); two of one's own with one name are an error naming both files."""
+    if models_dir is not None:
+        return _folder(Path(models_dir))
+    return _all(tuple(card_dirs()))
+
+
+def _all(folders: tuple[Path, ...]) -> dict[str, Card]:
+    out = dict(_folder(folders[0]))
+    for folder in folders[1:]:
+        if not folder.is_dir():
+            raise KmmError(f"{MODELS_ENV}: {folder} is not a folder")
+        for name, card in _folder(folder).items():
+            if name in out and out[name].path.parent != MODELS_DIR:
+                raise KmmError(f"{card.path}: model name '{name}' is already used by {out[name].path}")
+            out[name] = card
+    return out
+
+
+def _folder(folder: Path) -> dict[str, Card]:
     out: dict[str, Card] = {}
-    for path in sorted(Path(models_dir).glob("*.toml")):
+    for path in sorted(folder.glob("*.toml")):
         card = parse_card(path)
         if card.name in out:
             raise KmmError(f"{path}: model name '{card.name}' is already used by {out[card.name].path}")
         out[card.name] = card
     return out
+
+
+def replaced() -> set[str]:
+    """The bundled cards' names that a card of one's own replaces."""
+    bundled = _folder(MODELS_DIR)
+    return {name for name, card in cards().items() if name in bundled and card.path.parent != MODELS_DIR}
 
 
 _HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

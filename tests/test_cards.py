@@ -1,5 +1,6 @@
 """Model cards (strict TOML) and model resolution: name, .gguf path, hf:org/repo:file.gguf."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,53 @@ def test_bundled_student_resolves_offline():
 def test_pull_rejects_non_hub_card():
     with pytest.raises(KmmError, match="is not on the hub"):
         cards.pull("smollm2-135m-instruct")
+
+
+# --- folders of one's own cards (KMM_MODELS_DIR) ---
+
+def test_a_folder_of_ones_own_adds_to_the_bundled_cards_and_may_replace_one(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _card(mine, GOOD.format(name="my-model"), "my.toml")
+    _card(mine, GOOD.format(name="gemma-3-270m"), "gemma.toml")
+    bundled = cards.cards(cards.MODELS_DIR)
+    monkeypatch.setenv("KMM_MODELS_DIR", str(mine))
+    known = cards.cards()
+    assert set(known) == set(bundled) | {"my-model"}
+    assert known["my-model"].path == mine / "my.toml" and known["gemma-3-270m"].path == mine / "gemma.toml"
+    assert known["smollm2-135m-instruct"].path == bundled["smollm2-135m-instruct"].path
+    assert cards.replaced() == {"gemma-3-270m"}
+
+
+def test_two_folders_of_ones_own_add_up_and_a_name_in_both_names_both_files(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    _card(a, GOOD.format(name="first"), "first.toml")
+    _card(b, GOOD.format(name="second"), "second.toml")
+    monkeypatch.setenv("KMM_MODELS_DIR", f"{a}{os.pathsep}{b}")
+    assert {"first", "second", "smollm2-135m-instruct"} <= set(cards.cards())
+    clash = _card(b, GOOD.format(name="first"), "again.toml")
+    with pytest.raises(KmmError) as e:
+        cards.cards()
+    assert str(clash) in str(e.value) and str(a / "first.toml") in str(e.value)
+
+
+def test_a_models_dir_that_is_no_folder_is_one_clear_error(tmp_path):
+    from conftest import run_kmm
+
+    res = run_kmm("models", env={"KMM_MODELS_DIR": str(tmp_path / "absent")})
+    assert res.returncode == 1 and res.stderr.strip() == f"error: KMM_MODELS_DIR: {tmp_path / 'absent'} is not a folder"
+
+
+def test_kmm_models_shows_where_each_card_came_from(tmp_path):
+    from conftest import run_kmm
+
+    _card(tmp_path, GOOD.format(name="my-model"), "my.toml")
+    _card(tmp_path, GOOD.format(name="gemma-3-270m"), "gemma.toml")
+    res = run_kmm("models", env={"KMM_MODELS_DIR": str(tmp_path), "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    bundled_at, mine_at = res.stdout.index("Model cards (bundled)"), res.stdout.index(f"Model cards from {tmp_path}")
+    assert bundled_at < res.stdout.index("smollm2-135m-instruct") < mine_at < res.stdout.index("my-model")
+    assert res.stdout.index("gemma-3-270m") > mine_at
+    assert "gemma-3-270m: your card replaces the bundled one." in res.stdout
