@@ -288,8 +288,10 @@ def finetune_cmd(student, data_file, out, backend, options, verify, save_epochs)
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: Ray tasks on the cluster RAY_ADDRESS names, "
                    "else on a local Ray instance (pip install 'kmismatch_lite[ray]').")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages to run and reuse, answers, tokens, training "
+              "steps, estimated time and memory) and stop; nothing is computed or written.")
 def run(recipe: str, out: Path | None, settings: tuple[str, ...], jobs_text: str, threads: int | None,
-        executor: str) -> None:
+        executor: str, dry_run: bool) -> None:
     """Run the whole experiment of RECIPE (a recipes/*.toml name or path): generate, build the
     fine-tuning sets, fine-tune the student twice, evaluate the four conditions, report. With
     several seeds or a sweep, every cell runs and the seeds are pooled per grid point; a [design]
@@ -306,6 +308,9 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...], jobs_text: str
     r = recipes.load(recipe, settings)
     if out is None and (Path(r["name"]).name != r["name"] or r["name"] in (".", "..")):
         raise KmmError(f"recipe name '{r['name']}' is not a plain folder name: give --out DIR")
+    if dry_run:
+        _print_dry_run(r, out or Path("runs") / r["name"], jobs, threads)
+        return
     out = writable_folder(out or Path("runs") / r["name"])
     t0 = time.perf_counter()
     done = run_mod.execute(r, out, log=ui.log, progress_factory=ui.progress_bar, jobs=jobs, threads=threads,
@@ -328,6 +333,18 @@ def run(recipe: str, out: Path | None, settings: tuple[str, ...], jobs_text: str
         ui.log(f"hand-in for kmm pool: {handins[0]}")
     elif handins:
         ui.log(f"hand-ins for kmm pool: {len(handins)} files, {out}/seed-*/kmm-handin-*.json")
+
+
+def _print_dry_run(recipe: dict, out: Path, jobs: int, threads: int | None) -> None:
+    """The plan of `kmm run --dry-run`: a row per stage group and model, then the totals."""
+    from kmismatch_lite import dry_run, ui
+
+    result = dry_run.plan_run(recipe, out, jobs=jobs, threads=threads)
+    ui.out.print(f"kmm run {recipe['name']} --dry-run, into {out}: student {recipe['models']['student']}, "
+                 f"teacher {recipe['models']['teacher']}")
+    ui.table("", dry_run.COLUMNS, dry_run.rows(result))
+    for line in dry_run.summary(result):
+        ui.out.print(line)
 
 
 def _print_pooled(res: dict) -> None:

@@ -114,7 +114,8 @@ def test_backends_never_import_what_drives_them():
 # Top to bottom; a module imports only from its own layer or the layers below it.
 LAYERS = {
     "shell": ("cli", "__main__", "ui"),
-    "experiment": ("run", "parallel", "stage_run", "plan", "pool", "report", "report_designs", "recipes", "handin"),
+    "experiment": ("run", "dry_run", "parallel", "stage_run", "plan", "pool", "report", "report_designs", "recipes",
+                   "handin"),
     "designs": ("designs", "settings"),
     "verbs": ("check", "finetune"),
     "backends": ("backends",),

@@ -89,7 +89,8 @@ def answer_stage(name: str, role: str, split: str, template: Template, *, adapte
         write_json(tmp / "metrics.json", res.metrics)
 
     needs = ("data",) + ((adapter_need,) if adapter_need else ())
-    return StageRecord(name, (f"models.{role}", section_name), needs, inputs, work, present)
+    load = {"kind": "answer", "role": role, "split": split, "few_shot": template is not zero_shot}
+    return StageRecord(name, (f"models.{role}", section_name), needs, inputs, work, present, load)
 
 
 def finetuned_adapter(stage: str) -> Adapter:
@@ -119,4 +120,5 @@ def finetune_stage(cond: str, sets: str, set_key: Callable[[StageContext, Path],
         finetune(ctx.settings.models.student, set_file(ctx), tmp, backend=f.backend, settings=f.lora,
                  verify=f.verify, progress_factory=ctx.progress_factory)
 
-    return StageRecord(f"finetune/{cond}", ("models.student", "finetune"), (sets,), inputs, work)
+    return StageRecord(f"finetune/{cond}", ("models.student", "finetune"), (sets,), inputs, work,
+                       load={"kind": "finetune", "set": sets})

@@ -45,7 +45,9 @@ class StageContext:
 class StageRecord:
     """One stage: its name, the recipe settings it reads and the stages it needs (for the plan),
     the inputs of its key and its work (for the runner). `present` is False for a stage whose
-    input its needs did not produce (an epoch a dev split's patience stopped before)."""
+    input its needs did not produce (an epoch a dev split's patience stopped before). `load` says
+    what it computes, for a plan made before a run (dry_run.py): {"kind": "answer", "role",
+    "split", "few_shot"} or {"kind": "finetune", "set"}; empty for the quick stages."""
 
     name: str
     settings: tuple[str, ...]
@@ -53,6 +55,7 @@ class StageRecord:
     inputs: Callable[[StageContext], dict]
     work: Callable[[StageContext, Path], None]
     present: Callable[[StageContext], bool] | None = None
+    load: dict = field(default_factory=dict)
 
 
 @dataclass
