@@ -47,7 +47,7 @@ def test_dose_stages_and_dose_zero_shares_the_self_stages(designed):
     assert (out / "finetune" / "dose-1" / "adapter.gguf").is_file()
 
 
-def test_results_hold_the_dose_table_and_categories(designed):
+def test_results_hold_the_dose_table_and_categories(designed, tmp_path):
     out, _ = designed
     res = json.loads((out / "results.json").read_text())
     assert set(res["conditions"]) == {"base_student", "self", "teacher", "base_teacher"}
@@ -67,8 +67,17 @@ def test_results_hold_the_dose_table_and_categories(designed):
             cond, res["conditions"].get(cond))["wrong"]
     cats = json.loads((out / "categories.json").read_text())
     assert len(cats) == res["n_test"]
-    for name in ("dose.png", "categories.png"):
-        assert (out / name).stat().st_size > 1000, name
+    from test_figures import assert_categories_figure, assert_dose_figure
+
+    drawn = redrawn(out, res, tmp_path, ("dose.png", "categories.png"))
+    verdicts = {cond: [r["verdict"] for r in samples(out, cond)] for cond in ("self", "dose-1", "teacher")}
+    assert_dose_figure(drawn["dose.png"], d, {0.0: verdicts["self"], 1.0: verdicts["dose-1"]}, verdicts["teacher"])
+    # Per category, each condition's wrong answers, counted here from categories.json and the samples.
+    conds = list(c["by_condition"])
+    expected = {cat: {cond: sum(r["verdict"] == "wrong" and cats[r["id"]] == cat
+                                for r in samples(out, "self" if cond == "dose-0" else cond)) for cond in conds}
+                for cat in ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown") if cat in c["counts"]}
+    assert_categories_figure(drawn["categories.png"], expected)
     report = (out / "report.md").read_text()
     assert "## Mismatch dose" in report and "## Knowledge categories" in report
 
@@ -125,7 +134,7 @@ def test_a_dose_added_later_runs_only_its_own_stages(designed):
     assert (out / "dose.png").is_file()
 
 
-def test_epochs_save_every_epoch_and_evaluate_the_ones_before_the_last(designed):
+def test_epochs_save_every_epoch_and_evaluate_the_ones_before_the_last(designed, tmp_path):
     out, _ = designed
     proc = kmm_run(out, "-s", "design.doses=0,1", "-s", "design.epochs=true", "-s", "finetune.lora.epochs=2")
     ran = re.findall(r"stage (\S+): running", proc.stderr)
@@ -148,7 +157,33 @@ def test_epochs_save_every_epoch_and_evaluate_the_ones_before_the_last(designed)
         assert first["counts"][0]["wrong"] == verdicts.count("wrong") and first["counts"][0]["n"] == res["n_test"]
         lo, hi = first["rates_ci"]["wrong"]
         assert lo <= first["rates"]["wrong"] <= hi
-    assert (out / "epochs.png").stat().st_size > 1000
+    from test_figures import assert_epochs_figure
+
+    drawn = redrawn(out, res, tmp_path, ("epochs.png",))
+    rate = {cond: [100 * x["rates"]["wrong"] for x in section["by_epoch"]] for cond, section in e["conditions"].items()}
+    for cond in conds:       # each epoch's drawn rate is its samples' own share of wrong answers
+        first = [json.loads(x)["verdict"] for x in (out / "samples" / f"{cond}-epoch-1.jsonl").read_text().splitlines()]
+        assert rate[cond][0] == pytest.approx(100 * first.count("wrong") / len(first))
+    assert_epochs_figure(drawn["epochs.png"], rate)
     assert "## Training length" in (out / "report.md").read_text()
     printed = run_kmm("report", str(out), cwd=out.parent)
     assert printed.returncode == 0 and "Training length" in printed.stdout
+
+
+def samples(out, cond: str) -> list[dict]:
+    return [json.loads(x) for x in (out / "samples" / f"{cond}.jsonl").read_text().splitlines() if x]
+
+
+def redrawn(out, res: dict, tmp_path, names: tuple[str, ...]) -> dict:
+    """The design figures drawn again from results.json: each equals the run's file byte for byte,
+    so what they are checked to hold is what the run wrote."""
+    from kmismatch_lite import report_designs
+    from test_figures import figures_drawn
+
+    again = tmp_path / "again"
+    again.mkdir(exist_ok=True)
+    with figures_drawn() as drawn:
+        report_designs.figures([("", res)], res, again)
+    for name in names:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    return {name: drawn[again / name] for name in names}

@@ -50,7 +50,7 @@ def test_each_stage_runs_once_however_many_cells_need_it(two_seeds):
     assert len(ran) == 2 * 6 + 2 * 2 * 4
 
 
-def test_results_report_and_forest_plot(two_seeds):
+def test_results_report_and_forest_plot(two_seeds, tmp_path):
     out, proc = two_seeds
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [0, 1] and len(res["cells"]) == 4
@@ -67,7 +67,7 @@ def test_results_report_and_forest_plot(two_seeds):
             assert (out / c["folder"] / "report.md").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seeds"] == [0, 1] and len(manifest["cells"]) == 4
-    assert (out / "forest.png").stat().st_size > 1000
+    assert_forest_is_the_results(out, res, tmp_path / "again")
     report = (out / "report.md").read_text()
     assert "Over 2 seeds" in report.split("## Result", 1)[1].split("###")[0]
     assert "Over 2 seeds" in proc.stdout and "4 cells" in proc.stderr
@@ -101,3 +101,23 @@ def test_a_single_seed_run_gives_the_verdicts_of_its_cell(two_seeds, tmp_path):
         a = [json.loads(x)["verdict"] for x in (cell / "samples" / f"{cond}.jsonl").read_text().splitlines()]
         b = [json.loads(x)["verdict"] for x in (single / "samples" / f"{cond}.jsonl").read_text().splitlines()]
         assert a == b, cond
+
+
+def assert_forest_is_the_results(out, res: dict, again) -> None:
+    """forest.png is exactly the figure drawn from results.json (byte for byte), and that figure
+    holds per grid point each seed's difference, then the pooled estimate, in points."""
+    from kmismatch_lite import report
+    from test_figures import figures_drawn, forest_rows
+
+    again.mkdir()
+    with figures_drawn() as drawn:
+        report.forest(res, again / "forest.png")
+    assert (again / "forest.png").read_bytes() == (out / "forest.png").read_bytes()
+    rows = forest_rows(drawn[again / "forest.png"])
+    expected = []
+    for entry in res["points"]:
+        cells = [c for c in res["cells"] if c["point"] == entry["point"]]
+        expected += [(False, 100 * c["hypothesis"]["wrong_rate_difference"]) for c in cells]
+        expected.append((True, 100 * entry["pooled"]["random_effects"]["estimate"]))
+    assert [r[4] for r in rows] == [pooled for pooled, _ in expected]
+    assert [r[1] for r in rows] == pytest.approx([x for _, x in expected])
