@@ -180,10 +180,6 @@ def finetune(student: str, examples: list[dict] | Path, out_dir: Path, *, backen
         examples = read_examples(Path(examples))
     elif not examples or not all(_is_example(e) for e in examples):
         raise KmmError("examples must be a non-empty list of {'question': str, 'target': str}")
-    if backend == "mlx" and (settings.dev_fraction > 0 or settings.lr_schedule != "constant"):
-        raise KmmError("the mlx backend trains with a constant rate on all examples: "
-                       "fine-tune settings 'dev_fraction' and 'lr_schedule' are for torch and unsloth "
-                       "(in a recipe: -s finetune.lora.dev_fraction=0 -s finetune.lora.lr_schedule=constant)")
     model = cards.resolve(student)
     if model.gguf_path is None:
         raise KmmError(f"model '{student}' is served over HTTP; fine-tuning needs its GGUF file")

@@ -83,6 +83,65 @@ def batch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) 
     return plan
 
 
+class DevCheck:
+    """The dev split's loss after each epoch, for every trainer: keeps the LoRA weights of the
+    lowest one (what `snapshot()` returns) and says when `patience` epochs in a row failed to
+    lower it (patience 0: never). A trainer's subclass computes `loss()`, `snapshot()` and `restore()`."""
+
+    def __init__(self, dev: Sequence[Encoded], patience: int):
+        self.dev, self.patience = dev, patience
+        self.log: list[dict] = []
+        self.best_loss, self.best_state, self.worse = float("inf"), None, 0
+
+    def loss(self) -> float:
+        """Mean cross-entropy over all target tokens of the dev split."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """A copy of the LoRA weights as they are now."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Put the best epoch's LoRA weights back."""
+        raise NotImplementedError
+
+    def stop_after(self, epoch: int, step: int) -> bool:
+        """Record the dev loss after `epoch`; True when training should stop."""
+        loss = self.loss()
+        self.log.append({"epoch": epoch, "step": step, "dev_loss": round(loss, 5)})
+        if loss < self.best_loss:
+            self.best_loss, self.worse = loss, 0
+            self.best_state = self.snapshot()
+        else:
+            self.worse += 1
+        return 0 < self.patience <= self.worse
+
+    def summary(self) -> dict[str, Any]:
+        best = min(self.log, key=lambda r: r["dev_loss"])
+        return {"dev_examples": len(self.dev), "dev_loss": best["dev_loss"], "best_epoch": best["epoch"],
+                "best_step": best["step"], "dev_log": self.log}
+
+
+def step_done(row: dict, log: list[dict], progress: Callable | None, per_epoch: int, planned: int,
+              on_epoch: Callable[[int], None] | None, best: DevCheck | None) -> bool:
+    """After a training step: log its row and show it; at an epoch's end save the epoch
+    (`on_epoch`) and check the dev loss. True when training stops early (the bar then jumps to
+    its end, saying at which epoch)."""
+    log.append(row)
+    step = row["step"]
+    if progress:
+        progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+    if step % per_epoch:
+        return False
+    if on_epoch:
+        on_epoch(step // per_epoch)
+    if best and best.stop_after(step // per_epoch, step):
+        if progress and step < planned:
+            progress(planned - step, stopped=f"epoch {step // per_epoch}")
+        return True
+    return False
+
+
 def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     """The learning rate's multiplier at each step (0-based) of `steps`: 1 throughout for
     "constant"; for "linear", from 1 at the first step down to 1/steps at the last."""

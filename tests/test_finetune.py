@@ -303,15 +303,6 @@ def test_saved_epochs_are_each_epochs_own_weights_and_the_dev_split_keeps_the_be
     assert same(out["lora"], saved[out["best_epoch"]])                         # the final one: the best epoch's
 
 
-@pytest.mark.parametrize("setting", [{"dev_fraction": 0.1}, {"lr_schedule": "linear"}])
-def test_mlx_refuses_the_torch_only_settings(tmp_path, setting):
-    from kmismatch_lite.finetune import finetune
-
-    with pytest.raises(KmmError, match="mlx backend trains with a constant rate"):
-        finetune(STUDENT, [{"question": "q?", "target": "a"}], tmp_path / "ft", backend="mlx", settings=setting)
-    assert not (tmp_path / "ft").exists()
-
-
 def test_lr_schedules():
     linear, constant = lora_data.lr_factor("linear", 4), lora_data.lr_factor("constant", 4)
     assert [linear(i) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]

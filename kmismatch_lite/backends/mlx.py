@@ -6,8 +6,9 @@ token prefix shared with the next prompt, so a few-shot prefix is evaluated once
 `parallel=N` (N > 1), greedy answers are decoded N at once by mlx-lm's BatchGenerator (prompts
 left-padded into one batch; each prompt's whole text is evaluated, no prefix is shared).
 The trainer is mlx-lm's LoRA (QLoRA on a quantized MLX model) with the torch trainer's
-tokenisation, batch plan and target-only loss, so both backends see the same data in the same
-order. mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
+tokenisation, dev split, batch plan, target-only loss, rate schedule and early stop, so both
+backends hold out the same examples, see the rest in the same order and keep an epoch by the same
+rule. mlx and mlx_lm are imported inside the methods, so `import kmismatch_lite` stays light.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kmismatch_lite import cards
+from kmismatch_lite import cards, lora_data
 from kmismatch_lite.formats import mlx_models
 from kmismatch_lite.backends import answer_each, common_length
 from kmismatch_lite.qa.prompts import clean_output
@@ -159,7 +160,9 @@ def greedy_answers(model: cards.Model, adapter_dir: Path | None, prompts: Sequen
 
 class MlxTrainer:
     """LoRA with mlx-lm's LoRA layers and AdamW; writes DIR/adapter/ in mlx-lm's format (and, with
-    `save_epochs`, each epoch's LoRA in DIR/epochs/epoch-N/adapter/)."""
+    `save_epochs`, each epoch's LoRA in DIR/epochs/epoch-N/adapter/). As the torch trainer: the
+    same dev split (lora_data.dev_split), early stop on `patience` keeping the best epoch's LoRA,
+    and the same rate schedule (lora_data.lr_factor)."""
 
     name = "mlx"
 
@@ -173,33 +176,40 @@ class MlxTrainer:
         import mlx.optimizers as optim
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
-        from kmismatch_lite import lora_data
         from kmismatch_lite.lora_data import epoch_dir
 
         s = self.settings
         mx.random.seed(s.seed)
         net, tokenizer = mlx_models.load(self.path)
         encoded, cut = lora_data.encode(tokenizer._tokenizer, examples, s.max_length)
+        train_ids, dev_ids = lora_data.dev_split(len(encoded), getattr(s, "dev_fraction", 0.0), s.seed)
+        train, dev = [encoded[i] for i in train_ids], [encoded[i] for i in dev_ids]
         net.freeze()
         config = {"rank": s.rank, "scale": s.alpha / s.rank, "dropout": s.dropout,
                   "keys": mlx_models.lora_keys(net, s.target_modules)}
         linear_to_lora_layers(net, len(net.layers), config)
-        lengths = [len(e.ids) for e in encoded]
+        lengths = [len(e.ids) for e in train]
         plan = lora_data.batch_plan(lengths, s.batch_size, s.epochs, s.seed)
-        opt = optim.AdamW(learning_rate=s.learning_rate, weight_decay=0.0, bias_correction=True)
+        opt = optim.AdamW(learning_rate=rate_schedule(s.learning_rate, getattr(s, "lr_schedule", "constant"),
+                                                      len(plan)), weight_decay=0.0, bias_correction=True)
+        best = MlxDevCheck(net, dev, s) if dev else None
         epoch_loras: dict[int, dict] = {}
 
         def save_epoch(epoch: int) -> None:
+            # Before any dev check restores an earlier epoch: this epoch's own weights.
             epoch_loras[epoch] = self._save(net, config, epoch_dir(out_dir, epoch) / "adapter")
 
-        per_epoch = lora_data.n_batches(len(encoded), s.batch_size)
-        log, seconds, tokens = _loop(net, opt, encoded, plan, progress, per_epoch,
-                                     save_epoch if getattr(s, "save_epochs", False) else None)
+        per_epoch = lora_data.n_batches(len(train), s.batch_size)
+        log, seconds, tokens = _loop(net, opt, train, plan, progress, per_epoch,
+                                     save_epoch if getattr(s, "save_epochs", False) else None, best)
         return {
             "lora": self._save(net, config, Path(out_dir) / "adapter"), "epoch_loras": epoch_loras, "log": log,
-            "steps": len(plan), "final_loss": log[-1]["loss"],
+            "steps": len(log), "final_loss": log[-1]["loss"],
             "tokens": tokens, "train_seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
-            "truncated_prompts": cut, "mlx_model": str(self.path), "quantized_base": mlx_models.quantized(self.path),
+            "truncated_prompts": cut, "padding_waste": round(lora_data.padding_waste(plan[:len(log)], lengths), 4),
+            "mlx_model": str(self.path), "quantized_base": mlx_models.quantized(self.path),
+            "mlx_conversion": mlx_models.source_record(self.path),
+            **(best.summary() if best else {}),
         }
 
     def _save(self, net, config: dict, adapter: Path) -> dict:
@@ -216,8 +226,55 @@ class MlxTrainer:
         return mlx_models.lora_arrays(weights)
 
 
-def _loop(net, opt, encoded, plan, progress, per_epoch: int, on_epoch=None) -> tuple[list[dict], float, int]:
-    """The optimizer steps of `plan`; `on_epoch(epoch)` after each of its `per_epoch`-step epochs."""
+def rate_schedule(learning_rate: float, schedule: str, steps: int):
+    """The optimizer's learning rate: a number for "constant", else a function of the number of
+    updates made so far (mx.array), `learning_rate * lora_data.lr_factor(schedule, steps)`: for
+    "linear", from the full rate at the first step down to rate / steps at the last, as torch's."""
+    import mlx.core as mx
+
+    if schedule == "constant":
+        return learning_rate
+    factor = lora_data.lr_factor(schedule, steps)
+    return lambda step: mx.array(learning_rate * factor(int(step.item())), mx.float32)
+
+
+class MlxDevCheck(lora_data.DevCheck):
+    """lora_data.DevCheck on an MLX model with LoRA layers: the dev loss in length-sorted batches
+    of `batch_size`, weighted by target tokens, as the torch trainer's."""
+
+    def __init__(self, net, dev: Sequence, settings):
+        super().__init__(dev, getattr(settings, "patience", 0))
+        self.net, self.batch_size = net, settings.batch_size
+
+    def loss(self) -> float:
+        return dev_loss(self.net, self.dev, self.batch_size)
+
+    def snapshot(self) -> dict:
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.net.trainable_parameters()))  # arrays are immutable: a copy
+
+    def restore(self) -> None:
+        self.net.load_weights(list(self.best_state.items()), strict=False)
+
+
+def dev_loss(net, items: Sequence, batch_size: int) -> float:
+    """Mean cross-entropy over all target tokens of `items` (lora_data.Encoded), dropout off."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    total, count = 0.0, 0
+    net.eval()
+    for start in range(0, len(order), batch_size):
+        batch = mlx_models.collate([items[i] for i in order[start:start + batch_size]])
+        n = int(batch[-1].size)
+        total += mlx_models.target_loss(net, *batch).item() * n
+        count += n
+    net.train()
+    return total / count
+
+
+def _loop(net, opt, encoded, plan, progress, per_epoch: int, on_epoch=None, best=None) -> tuple[list[dict], float, int]:
+    """The optimizer steps of `plan`; after each of its `per_epoch`-step epochs, `on_epoch(epoch)`
+    then the dev check, which may stop training; at the end the best epoch's LoRA is put back."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -232,10 +289,10 @@ def _loop(net, opt, encoded, plan, progress, per_epoch: int, on_epoch=None) -> t
         mx.eval(loss, net.trainable_parameters(), opt.state)
         seconds += time.perf_counter() - t0
         tokens += sum(len(encoded[i].ids) for i in batch_ids)
-        row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
-        log.append(row)
-        if progress:
-            progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        if on_epoch and step % per_epoch == 0:
-            on_epoch(step // per_epoch)
+        row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1),
+               "learning_rate": float(opt.learning_rate.item())}
+        if lora_data.step_done(row, log, progress, per_epoch, len(plan), on_epoch, best):
+            break
+    if best:
+        best.restore()
     return log, seconds, tokens

@@ -118,16 +118,15 @@ def _save(model, folder: Path) -> None:
         model.save_pretrained(folder)
 
 
-class DevCheck:
-    """The dev split's loss after each epoch; keeps the LoRA weights of the lowest one and says
-    when `patience` epochs in a row failed to lower it (patience 0: never)."""
+class DevCheck(lora_data.DevCheck):
+    """The dev split's loss after each epoch on a peft model; keeps the LoRA weights of the lowest
+    one and says when `patience` epochs in a row failed to lower it (patience 0: never)."""
 
     def __init__(self, model, dev: Sequence, pad_id: int, settings, device: str,
                  autocast: Callable = nullcontext):
-        self.model, self.dev, self.pad_id, self.device, self.autocast = model, dev, pad_id, device, autocast
-        self.batch_size, self.patience = settings.batch_size, getattr(settings, "patience", 0)
-        self.log: list[dict] = []
-        self.best_loss, self.best_state, self.worse = float("inf"), None, 0
+        super().__init__(dev, getattr(settings, "patience", 0))
+        self.model, self.pad_id, self.device, self.autocast = model, pad_id, device, autocast
+        self.batch_size = settings.batch_size
 
     def loss(self) -> float:
         """Mean cross-entropy over all target tokens of the dev split."""
@@ -146,16 +145,8 @@ class DevCheck:
         self.model.train()
         return total / count
 
-    def stop_after(self, epoch: int, step: int) -> bool:
-        """Record the dev loss after `epoch`; True when training should stop."""
-        loss = self.loss()
-        self.log.append({"epoch": epoch, "step": step, "dev_loss": round(loss, 5)})
-        if loss < self.best_loss:
-            self.best_loss, self.worse = loss, 0
-            self.best_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        else:
-            self.worse += 1
-        return 0 < self.patience <= self.worse
+    def snapshot(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def restore(self) -> None:
         """Put the best epoch's LoRA weights back."""
@@ -163,11 +154,6 @@ class DevCheck:
             for n, p in self.model.named_parameters():
                 if n in self.best_state:
                     p.copy_(self.best_state[n])
-
-    def summary(self) -> dict[str, Any]:
-        best = min(self.log, key=lambda r: r["dev_loss"])
-        return {"dev_examples": len(self.dev), "dev_loss": best["dev_loss"], "best_epoch": best["epoch"],
-                "best_step": best["step"], "dev_log": self.log}
 
 
 def compute_dtype(model, compute: str, device: str) -> tuple[str, Callable]:
@@ -224,16 +210,7 @@ def _loop(model, encoded, plan, pad_id: int, s, progress, device: str, best: Dev
         seconds += time.perf_counter() - t0
         tokens += int(batch["attention_mask"].sum())
         row = {"step": step, "loss": round(loss.item(), 5), "tokens_per_second": round(tokens / seconds, 1)}
-        log.append(row)
-        if progress:
-            progress(1, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        if step % per_epoch:
-            continue
-        if on_epoch:
-            on_epoch(step // per_epoch)
-        if best and best.stop_after(step // per_epoch, step):
-            if progress and step < len(plan):
-                progress(len(plan) - step, stopped=f"epoch {step // per_epoch}")
+        if lora_data.step_done(row, log, progress, per_epoch, len(plan), on_epoch, best):
             break
     if best:
         best.restore()

@@ -1,9 +1,15 @@
 """Model folders for MLX: a card's `mlx-community` repo from the local Hugging Face cache, or the
 bundled GGUF converted offline (GGUF -> Hugging Face folder -> MLX folder), cached.
 
-A GGUF whose weights are all Q4_0/Q4_1 (or Q8_0) is re-quantized with MLX's affine quantization
-at group size 32: those GGUF blocks are affine 32-value groups too, so MLX computes with the same
-weights as llama.cpp and fine-tuning is QLoRA on them. K-quant files (Q4_K_M) stay dequantized.
+The conversion keeps every quantized 2-D weight quantized. Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks,
+and the 32-value sub-blocks of Q4_K and Q5_K, are affine groups of 32 values, as MLX's are: those
+weights keep the GGUF's own levels, scales and offsets (4, 5 or 8 bits, group size 32), so MLX
+computes with exactly the weights llama.cpp uses. The other quantized types (Q6_K, Q3_K, Q2_K,
+the IQ types) have no MLX equivalent: they are requantized from their dequantized values to MLX's
+affine 8-bit in groups of 32, close to the GGUF's weights but not bit-identical to them (on the
+bundled Gemma's Q6_K weights: 0.5% relative RMS error; 4-bit groups of 64 gave 10% and changed
+over half of 40 greedy answers). kmm_source.json in the folder records which weights were kept
+and which requantized. Fine-tuning on either is QLoRA. Float weights stay float.
 mlx and mlx_lm are imported inside the functions that need them.
 """
 
@@ -21,8 +27,16 @@ from kmismatch_lite.io import atomic_dir
 
 CACHE = cards.CACHE / "mlx"
 SOURCES = ("auto", "gguf", "hub")
-# GGML tensor type ids whose blocks map one to one onto MLX affine groups of 32 values.
-_AFFINE_BITS = {2: 4, 3: 4, 8: 8}  # Q4_0, Q4_1, Q8_0
+# Part of the converted folder's cache key: a change to what the conversion writes gets a new folder.
+CONVERSION = 2
+# GGML types made of affine groups of 32 values (value = scale * level + bias), as MLX's are: bits.
+EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+# Every other quantized type (Q6_K, Q3_K, Q2_K, the IQ types) is requantized to MLX affine 8-bit in
+# groups of 32 (module docstring: 4-bit in groups of 64 moved the answers).
+REQUANT_BITS, REQUANT_GROUP = 8, 32
+REQUANTIZED_TO = (f"MLX affine {REQUANT_BITS}-bit, group size {REQUANT_GROUP}, requantized from the "
+                  "GGUF's dequantized values (close to the GGUF's weights, not bit-identical to them)")
 # llama.cpp tensor names -> Hugging Face module paths (layer N is `blk.N.` / `model.layers.N.`).
 _HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -30,9 +44,11 @@ _HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v
 
 
 def require_mlx() -> None:
+    import importlib
+
     try:
-        import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
+        importlib.import_module("mlx.core")
+        importlib.import_module("mlx_lm")
     except ImportError:
         raise missing_extra("mlx-lm", "mlx") from None
 
@@ -63,7 +79,7 @@ def hub_dir(model: cards.Model) -> Path:
 def cache_key(model: cards.Model) -> str:
     from kmismatch_lite.formats.hf_from_gguf import gguf_sha256
 
-    return f"{model.name}-{gguf_sha256(Path(model.gguf_path))[:16]}"
+    return f"{model.name}-{gguf_sha256(Path(model.gguf_path))[:16]}-c{CONVERSION}"
 
 
 def converted_dir(model: cards.Model) -> Path:
@@ -85,41 +101,116 @@ def hf_path(gguf_name: str) -> str | None:
     return _HF_NAMES.get(gguf_name) if len(parts) == 1 and gguf_name in ("token_embd", "output") else None
 
 
-def affine_layout(gguf_path: Path) -> dict[str, int] | None:
-    """{HF module path: bits} when every 2-D weight of the GGUF is Q4_0, Q4_1 or Q8_0 under a
-    known name, else None (K-quants and others do not map onto MLX groups: stay dequantized)."""
+def gguf_layout(gguf_path: Path) -> dict[str, dict] | None:
+    """{HF module path: how MLX holds it} for each quantized 2-D weight of the GGUF: its GGML type,
+    `bits` and `group_size`, and `exact` (the GGUF's own blocks) or not (requantized). A weight
+    whose rows do not split into groups stays float (left out). None when a quantized weight has
+    a name outside the table: the model then stays float."""
     from gguf import GGUFReader
 
     layout = {}
     for t in GGUFReader(str(gguf_path)).tensors:
-        if len(t.shape) != 2:
+        kind = t.tensor_type.name
+        if len(t.shape) != 2 or kind in FLOAT_TYPES:
             continue
-        path, bits = hf_path(t.name.removesuffix(".weight")), _AFFINE_BITS.get(int(t.tensor_type))
-        if path is None or bits is None:
+        path = hf_path(t.name.removesuffix(".weight"))
+        if path is None:
             return None
-        layout[path] = bits
+        cols = int(t.shape[0])          # GGUF shapes list the row length first
+        if kind in EXACT_BITS:
+            layout[path] = {"gguf_type": kind, "bits": EXACT_BITS[kind], "group_size": 32, "exact": True}
+        elif cols % 32 == 0:
+            group = REQUANT_GROUP if cols % REQUANT_GROUP == 0 else 32
+            layout[path] = {"gguf_type": kind, "bits": REQUANT_BITS, "group_size": group, "exact": False}
     return layout
 
 
-def gguf_affine_weights(gguf_path: Path, config: dict) -> dict:
-    """The GGUF's own quantized blocks as MLX `weight`/`scales`/`biases` under HF names.
-    llama.cpp stores llama's q/k rows permuted for its rope; undo that (rows only, so the
-    packed blocks move whole)."""
+def block_levels(blocks, kind: str):
+    """(levels [n, 32] uint8, scales [n], biases [n] float32) of the `n` affine 32-value groups in
+    GGUF blocks of `kind` (rows of raw bytes), such that value = scale * level + bias, exactly as
+    llama.cpp dequantizes them. A Q4_K or Q5_K block holds 8 such groups under one scale pair."""
+    import numpy as np
+
+    def half(b):
+        return np.ascontiguousarray(b).view(np.float16)[:, 0].astype(np.float32)
+
+    d, rest = half(blocks[:, :2]), blocks[:, 2:]
+    if kind in ("Q4_K", "Q5_K"):
+        from gguf.quants import Q4_K
+
+        dmin, (sc, m) = half(rest[:, :2]), Q4_K.get_scale_min(np.ascontiguousarray(rest[:, 2:14]))
+        rest = rest[:, 14:]
+        high = None
+        if kind == "Q5_K":
+            qh, rest = rest[:, :32], rest[:, 32:]
+            high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1      # [n, 8, 32]
+        pairs = rest.reshape(len(rest), 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        levels = (pairs & 0x0F).reshape(len(rest), 8, 32)
+        if high is not None:
+            levels |= high << 4
+        scales = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+        biases = -(dmin[:, None] * m.astype(np.float32)).reshape(-1)
+        return levels.reshape(-1, 32), scales, biases
+    if kind in ("Q4_1", "Q5_1"):
+        m, rest = half(rest[:, :2]), rest[:, 2:]
+    if kind == "Q8_0":
+        levels = (rest.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return levels, d, -128 * d
+    high = None
+    if kind in ("Q5_0", "Q5_1"):
+        qh = np.ascontiguousarray(rest[:, :4]).view(np.uint32)[:, 0]
+        high = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        rest = rest[:, 4:]
+    levels = np.concatenate([rest & 0x0F, rest >> 4], axis=1)   # values 0-15, then 16-31
+    if high is not None:
+        levels |= high << 4
+    if kind in ("Q4_1", "Q5_1"):
+        return levels, d, m
+    return levels, d, -(8 if kind == "Q4_0" else 16) * d
+
+
+def pack_levels(levels, bits: int):
+    """MLX's packed layout of `bits`-bit levels [rows, cols]: each row one little-endian bit
+    stream, read as uint32 words [rows, cols * bits / 32]."""
+    import numpy as np
+
+    rows, cols = levels.shape
+    out = np.empty((rows, cols * bits // 32), np.uint32)
+    shifts = np.arange(8, dtype=np.uint64) * bits
+    step = max(1, (1 << 21) // cols)
+    for r in range(0, rows, step):
+        part = levels[r:r + step].astype(np.uint64).reshape(-1, cols // 8, 8)
+        words = (part << shifts).sum(axis=-1, dtype=np.uint64)          # 8 levels in 8 * bits bits
+        chunk = words.view(np.uint8).reshape(len(part), cols // 8, 8)[:, :, :bits]
+        out[r:r + step] = np.ascontiguousarray(chunk).reshape(len(part), -1).view(np.uint32)
+    return out
+
+
+def gguf_exact_weights(gguf_path: Path, layout: dict, config: dict) -> dict:
+    """The GGUF's own blocks of the `exact` weights of `layout` as MLX `weight`/`scales`/`biases`
+    under HF names. llama.cpp stores llama's q/k rows permuted for its rope; undo that (rows only,
+    so the blocks move whole)."""
     import mlx.core as mx
+    from gguf import GGUFReader
 
     from kmismatch_lite.formats.export_gguf import unpermute_rows
 
-    raw = mx.load(str(gguf_path))
     out = {}
-    for name, arr in raw.items():
-        base, _, leaf = name.rpartition(".")
+    for t in GGUFReader(str(gguf_path)).tensors:
+        base = t.name.removesuffix(".weight")
         path = hf_path(base)
-        if path is None or leaf not in ("weight", "scales", "biases") or arr.ndim != 2:
+        spec = layout.get(path) if path else None
+        if not spec or not spec["exact"]:
             continue
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        block = 256 if spec["gguf_type"].endswith("_K") else 32
+        levels, scales, biases = block_levels(t.data.reshape(rows * cols // block, -1), spec["gguf_type"])
+        arrays = {"weight": pack_levels(levels.reshape(rows, cols), spec["bits"]),
+                  "scales": scales.reshape(rows, -1), "biases": biases.reshape(rows, -1)}
         if config.get("model_type") == "llama" and base.endswith(("attn_q", "attn_k")):
             heads = config["num_attention_heads"] if base.endswith("attn_q") else config["num_key_value_heads"]
-            arr = unpermute_rows(arr, heads)
-        out[f"{path}.{leaf}"] = arr if leaf == "weight" else arr.astype(mx.float32)
+            arrays = {k: unpermute_rows(v, heads) for k, v in arrays.items()}
+        out.update({f"{path}.{k}": mx.array(v) for k, v in arrays.items()})
     return out
 
 
@@ -145,55 +236,92 @@ def mlx_config_overrides(config: dict) -> dict:
     return out
 
 
-def convert_folder(hf_dir: Path, dest: Path, gguf_path: Path | None = None) -> Path:
-    """A Hugging Face model folder into an MLX folder. With the GGUF it came from, and that GGUF
-    all Q4_0/Q4_1/Q8_0, the MLX model is quantized and holds the GGUF's exact blocks."""
+def load_float(hf_dir: Path):
+    """(MLX model, its config) from a Hugging Face folder as it is: for a dequantized GGUF, its
+    weights in float32, nothing requantized (lazy: weights load when used)."""
     require_mlx()
-    import mlx.core as mx
-    from mlx_lm.utils import load_model, load_tokenizer, quantize_model, save
+    from mlx_lm.utils import load_model
 
     config = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
     model, config = load_model(Path(hf_dir), lazy=True, model_config=mlx_config_overrides(config))
     config = {k: v for k, v in config.items() if not (k == "quantization_config" and v is None)}
     config.pop("rope_parameters", None) if "rope_theta" in config else None
+    return model, config
+
+
+def convert_folder(hf_dir: Path, dest: Path, gguf_path: Path | None = None) -> Path:
+    """A Hugging Face model folder into an MLX folder. With the GGUF it came from, each quantized
+    weight stays quantized (module docstring): the GGUF's own blocks where they are MLX groups,
+    else requantized to MLX 8-bit. Without it, or for a GGUF with unknown tensor names, float."""
+    require_mlx()
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer, quantize_model, save
+
+    model, config = load_float(hf_dir)
     tokenizer = load_tokenizer(Path(hf_dir))
-    layout = affine_layout(gguf_path) if gguf_path else None
+    layout = gguf_layout(gguf_path) if gguf_path else None
+    if layout:  # a GGUF weight the MLX model has no module for (a tied output) is not used
+        modules = dict(model.named_modules())
+        layout = {p: spec for p, spec in layout.items() if p in modules}
+    record: dict = {"exact": {}, "requantized": {}}
     if layout:
-        reference = {k: v for k, v in _flat(model).items() if k.endswith("v_proj.weight") or k.endswith("q_proj.weight")}
+        reference = {f"{p}.weight": w for p, w in _module_weights(model, layout).items()}
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its "[INFO] Quantized" line
             model, config = quantize_model(model, config, 32, 4, quant_predicate=lambda p, m: (
-                {"group_size": 32, "bits": layout[p], "mode": "affine"} if p in layout else False))
-        model.load_weights(list(gguf_affine_weights(gguf_path, config).items()), strict=False)
-        _check_same(model, reference, hf_dir)
+                {k: layout[p][k] for k in ("group_size", "bits")} | {"mode": "affine"} if p in layout else False))
+        model.load_weights(list(gguf_exact_weights(gguf_path, layout, config).items()), strict=False)
+        record = _check_weights(model, reference, layout, hf_dir)
     mx.eval(model.parameters())
     with atomic_dir(dest) as tmp:
         save(tmp, hf_dir, model, tokenizer, config)
         (tmp / "README.md").unlink(missing_ok=True)
         source = {"hf_dir": str(hf_dir), "gguf": str(gguf_path) if gguf_path else None,
-                  "gguf_blocks": bool(layout)}
-        (tmp / "kmm_source.json").write_text(json.dumps(source) + "\n", encoding="utf-8")
+                  "quantized": bool(layout), "gguf_blocks": bool(layout) and not record["requantized"], **record,
+                  "requantized_to": REQUANTIZED_TO if record["requantized"] else None}
+        (tmp / "kmm_source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     return dest
 
 
-def _flat(model) -> dict:
-    from mlx.utils import tree_flatten
+def source_record(path: Path) -> dict | None:
+    """What the conversion of an MLX folder recorded (kmm_source.json), None for a hub folder."""
+    found = Path(path) / "kmm_source.json"
+    return json.loads(found.read_text(encoding="utf-8")) if found.is_file() else None
 
-    return dict(tree_flatten(model.parameters()))
+
+def _module_weights(model, paths) -> dict:
+    """{module path: weight} of the modules named in `paths`, as they are now."""
+    return {p: m.weight for p, m in model.named_modules() if p in paths}
 
 
-def _check_same(model, reference: dict, hf_dir: Path) -> None:
-    """The GGUF blocks, dequantized, must equal the Hugging Face folder's weights (a wrong name
-    map or q/k permutation would not)."""
+def _check_weights(model, reference: dict, layout: dict, hf_dir: Path) -> dict:
+    """Each exact weight, dequantized, must equal the Hugging Face folder's (a wrong name map,
+    block decoding or q/k permutation would not); the requantized ones are measured.
+    Returns the record: GGML types kept and requantized, with the requantization's error."""
     import mlx.core as mx
+    import mlx.nn as nn
 
-    params = _flat(model)
-    for key, ref in reference.items():
-        base = key.removesuffix(".weight")
-        w = mx.dequantize(params[key], params[f"{base}.scales"], params[f"{base}.biases"],
-                          group_size=32, bits=params[key].shape[1] * 32 // ref.shape[1])
-        err = mx.abs(w - ref.astype(mx.float32)).max().item()
-        if err > 1e-2 * max(1.0, mx.abs(ref).max().item()):
-            raise KmmError(f"GGUF blocks for {base} differ from {hf_dir} (max error {err:.3g})")
+    found = {p: m for p, m in model.named_modules() if p in layout}
+    exact: dict[str, int] = {}
+    requantized: dict[str, int] = {}
+    err2, ref2 = 0.0, 0.0
+    for path, module in found.items():
+        spec = layout[path]
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or module.bits != spec["bits"]:
+            raise KmmError(f"{hf_dir}: {path} was not quantized to {spec['bits']} bits")
+        ref = reference.pop(f"{path}.weight").astype(mx.float32)     # freed once checked
+        w = mx.dequantize(module.weight, module.scales, module.biases, group_size=module.group_size,
+                          bits=module.bits)
+        if spec["exact"]:
+            err = mx.abs(w - ref).max().item()
+            if err > 1e-6 * max(1.0, mx.abs(ref).max().item()):
+                raise KmmError(f"GGUF blocks for {path} differ from {hf_dir} (max error {err:.3g})")
+            exact[spec["gguf_type"]] = exact.get(spec["gguf_type"], 0) + 1
+        else:
+            err2 += mx.sum(mx.square(w - ref)).item()
+            ref2 += mx.sum(mx.square(ref)).item()
+            requantized[spec["gguf_type"]] = requantized.get(spec["gguf_type"], 0) + 1
+    return {"exact": exact, "requantized": requantized,
+            **({"requantized_relative_rms_error": round((err2 / ref2) ** 0.5, 5)} if requantized else {})}
 
 
 def load(path: Path, adapter: Path | None = None):
