@@ -329,3 +329,34 @@ def test_a_long_retry_after_is_capped():
         finally:
             gen.close()
     assert all(openai.MAX_DELAY <= d <= openai.MAX_DELAY * 1.25 for d in delays)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_run_with_a_served_teacher_resumes_from_its_answer_cache(tmp_path):
+    """A served teacher that starts refusing part-way through the training questions stops the run
+    with one line; the rerun, against a healthy server, asks only for the answers not yet cached."""
+    from conftest import llama_cpp_usable, run_kmm
+
+    reason = llama_cpp_usable()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("peft", reason="needs the torch extra")
+    out = tmp_path / "run"
+    with serve(["ok"] * 10 + ["400"] * 500) as refusing:
+        first = run_kmm("run", "smoke", "-s", f"models.teacher=openai:{refusing.url}#teacher", "--out", str(out),
+                        timeout=1800)
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert first.stderr.strip().splitlines()[-1].startswith("error: ") and "400" in first.stderr
+    train = {json.loads(line)["question"] for line in (out / "data" / "train.jsonl").read_text().splitlines() if line}
+    rows = [json.loads(line) for line in (out / "cache" / "generate-teacher.jsonl").read_text().splitlines() if line]
+    cached = {r["question"].removeprefix("Question:").strip() for r in rows}
+    assert cached and cached < train and cached <= set(refusing.questions())
+    with serve() as healthy:
+        second = run_kmm("run", "smoke", "-s", f"models.teacher=openai:{healthy.url}#teacher", "--out", str(out),
+                         timeout=1800)
+    assert second.returncode == 0, second.stderr[-2000:]
+    asked_again = [q for q in healthy.questions() if q in train]
+    assert sorted(asked_again) == sorted(train - cached)
+    teacher = [json.loads(line) for line in (out / "generate" / "teacher" / "samples.jsonl").read_text().splitlines()]
+    assert len(teacher) == len(train)
