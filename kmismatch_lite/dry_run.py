@@ -20,12 +20,14 @@ import math
 import os
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from kmismatch_lite import cards, plan as planning
+from kmismatch_lite import cards, parallel, plan as planning
 from kmismatch_lite.errors import KmmError
+from kmismatch_lite.lora_data import n_batches, n_dev
 from kmismatch_lite.qa import prompts
+from kmismatch_lite.stage_run import key_of, model_key, own_stages, stage_context
 
 # Measured on the 2-core VM (docs/measurements.md): llama.cpp decodes SmolLM2 135M Q4_1 at about
 # 3.3 ms a token in batches; the torch fine-tune trains at 204 tokens a second; one seed's run
@@ -60,7 +62,6 @@ class StagePlan:
     seconds: float | None = None
     timed_from: str = ""            # "run folder" or "reference"
     memory_gb: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,7 +70,6 @@ class CellData:
     test: list[str]
     target_chars: float
     prefix: str
-    exact: bool                     # read from the run folder or drawn from the question set
 
 
 def params_of(spec: str, model: cards.Model | None) -> float | None:
@@ -84,10 +84,13 @@ def params_of(spec: str, model: cards.Model | None) -> float | None:
     return None
 
 
-def _gguf_gb(model: cards.Model | None, params: float | None) -> float | None:
+def _sizes(spec: str, model: cards.Model | None) -> tuple[float | None, float | None]:
+    """(parameters, GGUF size in GB) of a model spec: its file's size where it is on disk, else
+    estimated from its card's parameter count."""
+    params = params_of(spec, model)
     if model is not None and model.gguf_path is not None and model.gguf_path.is_file():
-        return model.gguf_path.stat().st_size / 1e9
-    return params * GGUF_BYTES_PER_PARAM / 1e9 if params else None
+        return params, model.gguf_path.stat().st_size / 1e9
+    return params, params * GGUF_BYTES_PER_PARAM / 1e9 if params else None
 
 
 def _cell_data(cell: planning.Cell, out: Path) -> CellData:
@@ -101,7 +104,7 @@ def _cell_data(cell: planning.Cell, out: Path) -> CellData:
         targets = [r["answers"][0] for r in rows["train"] if r.get("answers")]
         return CellData([r["question"] for r in rows["train"]], [r["question"] for r in rows["test"]],
                         statistics.fmean(map(len, targets)) if targets else TYPICAL_TARGET_CHARS,
-                        (folder / "prompt.txt").read_text(encoding="utf-8"), True)
+                        (folder / "prompt.txt").read_text(encoding="utf-8"))
     if d.dataset == "geonames" or d.dataset.split(":", 1)[0] in ("jsonl", "csv", "parquet"):
         from kmismatch_lite.qa import data
 
@@ -110,12 +113,12 @@ def _cell_data(cell: planning.Cell, out: Path) -> CellData:
         targets = [q.answers[0] for q in train if q.answers]
         return CellData([q.question for q in train], [q.question for q in test],
                         statistics.fmean(map(len, targets)) if targets else TYPICAL_TARGET_CHARS,
-                        prompts.few_shot(qs.exemplars, k=d.shots, seed=cell.settings.seed).prefix, True)
+                        prompts.few_shot(qs.exemplars, k=d.shots, seed=cell.settings.seed).prefix)
     if not d.train or not d.test:
         raise KmmError(f"--dry-run: '{d.dataset}' is not at hand, so data.train and data.test must be set to count its questions")
     typical = "x" * TYPICAL_QUESTION_CHARS
     exemplar = prompts.zero_shot(typical) + " " + "x" * TYPICAL_TARGET_CHARS + "\n\n"
-    return CellData([typical] * d.train, [typical] * d.test, TYPICAL_TARGET_CHARS, exemplar * d.shots, False)
+    return CellData([typical] * d.train, [typical] * d.test, TYPICAL_TARGET_CHARS, exemplar * d.shots)
 
 
 def _tokens(text_chars: float) -> int:
@@ -139,8 +142,7 @@ def _resolve(the_plan: planning.Plan) -> tuple[dict[str, cards.Model | None], li
     return models, missing
 
 
-def _own_timings(out: Path, stages: list[planning.Stage], cells: dict[str, planning.Cell],
-                 models: dict[str, str]) -> dict[tuple, list[float]]:
+def _own_timings(out: Path, stages: list[planning.Stage], models: dict[str, str | None]) -> dict[tuple, list[float]]:
     """Seconds per answer or per training token of the run folder's finished stages, by (kind,
     model, few-shot)."""
     rates: dict[tuple, list[float]] = {}
@@ -165,23 +167,18 @@ def _own_timings(out: Path, stages: list[planning.Stage], cells: dict[str, plann
 def plan_run(recipe: dict, out: Path, *, jobs: int = 1, threads: int | None = None) -> dict:
     """The dry-run of `recipe` into `out`: {"stages": [StagePlan], "cells", "missing", "threads",
     "jobs"}. Reads, never writes."""
-    from kmismatch_lite import parallel
-    from kmismatch_lite.stage_run import key_of, model_key, own_stages, stage_context
-
     the_plan = planning.build(recipe)
     if jobs > 1 and not threads:
         threads = parallel.threads_for(jobs)
     per_stage_threads = threads or (os.cpu_count() or 1)
     models, missing = _resolve(the_plan)
     keys = {spec: model_key(m) for spec, m in models.items() if m is not None}
+    sizes = {spec: _sizes(spec, m) for spec, m in models.items()}
     cells = {st.folder: c for c in the_plan.cells for st in c.stages.values()}
-    model_of = {}
-    for c in the_plan.cells:
-        for st in c.stages.values():
-            role = st.record.load.get("role") or ("student" if st.record.load.get("kind") == "finetune" else None)
-            model_of[st.folder] = c.recipe["models"][role] if role else None
+    model_of = {st.folder: c.recipe["models"][st.record.load["role"]] if "role" in st.record.load else None
+                for c in the_plan.cells for st in c.stages.values()}
     distinct = the_plan.stages()
-    rates = _own_timings(out, distinct, cells, model_of)
+    rates = _own_timings(out, distinct, model_of)
     data: dict[str, CellData] = {}
     status: dict[str, tuple[str, str | None]] = {}  # folder -> (status, key)
     with parallel.thread_setting(threads):
@@ -190,26 +187,24 @@ def plan_run(recipe: dict, out: Path, *, jobs: int = 1, threads: int | None = No
             done: dict[str, tuple[Path, str]] = {}
             roles = {r: cell.recipe["models"][r] for r in ("student", "teacher")}
             for name in own_stages(cell):
-                st = cell.stages[name]
-                if st.folder in status:
-                    got = status[st.folder]
-                    if got[0] == "reuse":
-                        done[name] = (out / st.folder, got[1])
-                    continue
-                status[st.folder] = _status(out, cell, name, roles, models, keys, done, stage_context, key_of)
-                if status[st.folder][0] == "reuse":
-                    done[name] = (out / st.folder, status[st.folder][1])
+                folder = cell.stages[name].folder
+                if folder not in status:   # a stage cells share is decided once
+                    status[folder] = _status(out, cell, name, roles, models, keys, done)
+                state, key = status[folder]
+                if state == "reuse":
+                    done[name] = (out / folder, key)
     plans = []
     for st in distinct:
         cell = cells[st.folder]
-        plans.append(_estimate(st, cell, status[st.folder][0], data[cell.folder], models, model_of[st.folder],
-                               rates, per_stage_threads))
+        spec = model_of[st.folder]
+        plans.append(_estimate(st, cell, status[st.folder][0], data[cell.folder], models.get(spec),
+                               sizes.get(spec, (None, None)), spec, rates, per_stage_threads))
     return {"stages": plans, "cells": len(the_plan.cells), "missing": missing, "threads": per_stage_threads,
             "jobs": jobs}
 
 
 def _status(out: Path, cell: planning.Cell, name: str, roles: dict, models: dict, keys: dict,
-            done: dict, stage_context, key_of) -> tuple[str, str | None]:
+            done: dict) -> tuple[str, str | None]:
     """Whether a stage would run or be reused, as the runner would decide it."""
     st = cell.stages[name]
     marker = out / st.folder / "stage.json"
@@ -226,16 +221,14 @@ def _status(out: Path, cell: planning.Cell, name: str, roles: dict, models: dict
     return ("reuse", key) if json.loads(marker.read_text(encoding="utf-8")).get("key") == key else ("run", None)
 
 
-def _estimate(st: planning.Stage, cell: planning.Cell, status: str, d: CellData, models: dict,
-              spec: str | None, rates: dict, threads: int) -> StagePlan:
+def _estimate(st: planning.Stage, cell: planning.Cell, status: str, d: CellData, model: cards.Model | None,
+              sizes: tuple[float | None, float | None], spec: str | None, rates: dict, threads: int) -> StagePlan:
     group = st.name.split("/", 1)[0]
     load = st.record.load
-    role = load.get("role") or ("student" if load.get("kind") == "finetune" else None)
-    p = StagePlan(st.folder, group, spec, role, status)
+    p = StagePlan(st.folder, group, spec, load.get("role"), status)
     if not load:
         p.seconds, p.timed_from = 1.0, "reference"  # the split, the sets: a second or so
-    model = models.get(spec) if spec else None
-    params = params_of(spec, model) if spec else None
+    params, gguf = sizes
     scale = (params / REFERENCE_PARAMS if params else None)
     thread_scale = REFERENCE_THREADS / max(1, threads)
     if load.get("kind") == "answer":
@@ -254,20 +247,15 @@ def _estimate(st: planning.Stage, cell: planning.Cell, status: str, d: CellData,
             expected = FEW_SHOT_ANSWER_TOKENS if load["few_shot"] else prompts.MAX_TOKENS
             p.seconds = (own + expected * p.answers) * SECONDS_PER_ANSWER_TOKEN * scale * thread_scale
             p.timed_from = "reference"
-        gguf = _gguf_gb(model, params)
         p.memory_gb = None if no_reference or gguf is None else gguf + LLAMACPP_BASE_GB
     elif load.get("kind") == "finetune":
-        from kmismatch_lite.lora_data import n_dev
-
         lora, backend = cell.settings.finetune.lora, cell.settings.finetune.backend
         examples = len(d.train)
         train = examples - n_dev(examples, lora.dev_fraction)
         prompt_chars = statistics.fmean(len(prompts.zero_shot(q)) for q in d.train) if d.train else 0
         per_example = min(lora.max_length, _tokens(prompt_chars + 1 + d.target_chars))
-        p.steps = lora.epochs * math.ceil(train / lora.batch_size)
+        p.steps = lora.epochs * n_batches(train, lora.batch_size)
         p.train_tokens = lora.epochs * train * per_example
-        if lora.dev_fraction > 0 and lora.patience > 0:
-            p.notes.append("at most: patience may stop it early")
         measured = rates.get(("finetune", spec, None))
         if measured:
             p.seconds, p.timed_from = statistics.median(measured) * p.train_tokens, "run folder"

@@ -121,4 +121,4 @@ def finetune_stage(cond: str, sets: str, set_key: Callable[[StageContext, Path],
                  verify=f.verify, progress_factory=ctx.progress_factory)
 
     return StageRecord(f"finetune/{cond}", ("models.student", "finetune"), (sets,), inputs, work,
-                       load={"kind": "finetune", "set": sets})
+                       load={"kind": "finetune", "role": "student", "set": sets})

@@ -47,7 +47,7 @@ class StageRecord:
     the inputs of its key and its work (for the runner). `present` is False for a stage whose
     input its needs did not produce (an epoch a dev split's patience stopped before). `load` says
     what it computes, for a plan made before a run (dry_run.py): {"kind": "answer", "role",
-    "split", "few_shot"} or {"kind": "finetune", "set"}; empty for the quick stages."""
+    "split", "few_shot"} or {"kind": "finetune", "role", "set"}; empty for the quick stages."""
 
     name: str
     settings: tuple[str, ...]
