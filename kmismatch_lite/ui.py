@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from rich import box
 from rich.console import Console
@@ -42,11 +42,25 @@ def progress_columns(width: int, total: int) -> list:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), text("{task.fields[info]}", info)]
 
 
+class _Fitted(Progress):
+    """A rich Progress whose columns are laid out again at every redraw for the terminal's width
+    then: a terminal narrowed while a long stage runs keeps the counts and the times whole."""
+
+    def __init__(self, layout: Callable[[int], Sequence], console: Console, **options) -> None:
+        self._layout = layout
+        super().__init__(*layout(console.width), console=console, **options)
+
+    def get_renderables(self):
+        if hasattr(self, "live"):  # rich draws once while building the Progress, before `live`
+            self.columns = tuple(self._layout(self.console.width))
+        yield from super().get_renderables()
+
+
 @contextmanager
 def progress_bar(description: str, total: int, fields: str = "") -> Iterator:
     """Yield `advance(n=1, **info)`: a rich bar on stderr, with free-form info after it."""
-    columns = progress_columns(err.width, total)
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and total < 2) as bar:
+    with _Fitted(lambda width: progress_columns(width, total), err, transient=False,
+                 disable=not err.is_terminal and total < 2) as bar:
         task = bar.add_task(description, total=total, info=fields)
 
         def advance(n: int = 1, **info) -> None:
@@ -59,7 +73,9 @@ def progress_bar(description: str, total: int, fields: str = "") -> Iterator:
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        # On a narrow terminal cells wrap, and a word wider than its column folds onto the next
+        # line: a figure is never cut short.
+        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     out.print(t)
@@ -121,13 +137,20 @@ def stages_board(total: int) -> Iterator[_Board]:
     from rich.live import Live
     from rich.progress import SpinnerColumn
 
-    description, bar, _ = _widths(err.width, total)
-    description = max(description, len("stages: 99 running, 999 left"))
-    overall = Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=description)),
-                       BarColumn(bar_width=max(6, bar - 6)), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("eta"), TimeRemainingColumn(), console=err)
-    lines = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True,
-                     overflow="ellipsis", max_width=max(err.width - 12, 20))), TimeElapsedColumn(), console=err)
+    def overall_columns(width: int) -> list:
+        description, bar, _ = _widths(width, total)
+        description = max(description, len("stages: 99 running, 999 left"))
+        return [TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=description)),
+                BarColumn(bar_width=max(6, bar - 6)), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn()]
+
+    spinner = SpinnerColumn()  # one spinner across redraws, so that it turns
+
+    def line_columns(width: int) -> list:
+        return [spinner, TextColumn("{task.description}", table_column=Column(
+                no_wrap=True, overflow="ellipsis", max_width=max(width - 12, 20))), TimeElapsedColumn()]
+
+    overall, lines = _Fitted(overall_columns, err), _Fitted(line_columns, err)
     board = _Board(overall, lines, total)
     if not err.is_terminal:
         yield board

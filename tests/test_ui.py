@@ -51,3 +51,39 @@ def test_the_stages_board_keeps_its_counts_and_each_running_stage(monkeypatch, w
     assert last[0].startswith("stages: 2 running, 117 left ") and " 1/120 " in last[0] and "eta" in last[0]
     assert long in last[2] and "seed-0/generate/teacher" in last[1]
     assert all(len(line) <= width for line in last)
+
+
+def _screen(buf: io.StringIO) -> list[str]:
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_bar_keeps_its_counts_when_the_terminal_narrows_under_it(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setattr(ui, "err", Console(file=buf, width=160, force_terminal=True, color_system=None))
+    with ui.progress_bar("fine-tuning smollm2-135m-instruct (torch)", 180) as advance:
+        advance(35, loss="1.234", tok_s="204")
+        ui.err.width = 80  # the window narrowed while the fine-tune runs
+        advance(1, loss="1.230", tok_s="205")
+    last = _screen(buf)[-1]
+    assert len(last) <= 80 and re.search(r" 36/180 \d:\d\d:\d\d eta (\d:\d\d:\d\d|-:--:--) ", last), last
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_a_narrow_table_wraps_and_folds_but_never_cuts_a_figure(monkeypatch, width):
+    buf = io.StringIO()
+    monkeypatch.setattr(ui, "out", Console(file=buf, width=width, color_system=None))
+    columns = ["", "wrong t / s", "difference (95%)", "p", "abstained t / s", "n", "mismatch"]
+    rows = [["seed 0", "11 / 13", "-12.5 [-37.5, +12.5]", "0.625", "0 / 0", "16", "35.7%"],
+            ["random effects", "", "-0.2 [-113.4, +113.0]", "", "", "", ""],
+            ["hierarchical bootstrap", "", "[-21.9, +12.5]", "", "", "", ""]]
+    ui.table("pooled", columns, rows)
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+
+    def chars(s: str) -> list[str]:
+        return sorted(s.replace("─", "").replace(" ", "").replace("\n", ""))
+
+    assert chars(text) == chars("pooled" + "".join(columns) + "".join("".join(r) for r in rows))
+    if width == 80:
+        assert "[-113.4," in text and "+113.0]" in text  # a word wraps whole where it fits
