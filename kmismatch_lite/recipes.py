@@ -93,20 +93,28 @@ def _schema_of(key: str, where: Any) -> Any:
     return schema
 
 
+def _items(text: str) -> list[str]:
+    """The items of a list-valued setting: `0,1,2`, or as the recipe file writes it, `[0, 1, 2]`."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [v.strip() for v in text.split(",")]
+
+
 def _parse_override(key: str, text: str, path: Path) -> Any:
     if key == "seeds":
         from kmismatch_lite.backends import coerce
 
-        return [coerce(v.strip(), int, "seeds") for v in text.split(",")]
+        return [coerce(v, int, "seeds") for v in _items(text)]
     if key == "design.doses":
         from kmismatch_lite.backends import coerce
 
-        return [coerce(v.strip(), float, "design.doses") for v in text.split(",") if v.strip()]
+        return [coerce(v, float, "design.doses") for v in _items(text) if v]
     if key == "sweep":
         raise KmmError("name the setting to vary: sweep.SECTION.KEY=V1,V2,...")
     if key.startswith("sweep."):
         kind = _schema_of(key[len("sweep."):], path)
-        return [_parse_value(v.strip(), kind) for v in text.split(",")]
+        return [_parse_value(v, kind) for v in _items(text)]
     return _parse_value(text, _schema_of(key, path))
 
 

@@ -106,6 +106,10 @@ def test_seeds_in_the_recipe_and_on_the_command_line(tmp_path):
     assert r["seed"] == 7 and "seeds" not in r
     r = recipes.load(write(tmp_path, "seed = 3\n" + BASE), ["seeds=0,1"])
     assert r["seeds"] == [0, 1] and "seed" not in r
+    # a list may be written as in the recipe file
+    assert recipes.load(path, ["seeds=[4, 5]"])["seeds"] == [4, 5]
+    assert recipes.load(path, ["design.doses=[0, 0.5, 1]"])["design"]["doses"] == [0.0, 0.5, 1.0]
+    assert recipes.load(path, ["sweep.finetune.lora.epochs=[1,2]"])["sweep"] == {"finetune.lora.epochs": [1, 2]}
 
 
 def test_a_single_seed_recipe_resolves_as_before(tmp_path):
