@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import NoReturn
 
 import click
 
-from kmismatch_lite.errors import KmmError
+from kmismatch_lite.errors import KmmError, Stopped
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -466,12 +467,15 @@ def writable_folder(out: Path) -> Path:
 def main() -> None:
     """Entry point: a KmmError, a usage error or an OS error becomes one line on stderr and a
     non-zero exit (1, or click's 2 for usage errors)."""
+    _stop_on_signals()
     try:
         cli.main(standalone_mode=False, prog_name="kmm")
     except KmmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt
+        if isinstance(exc.__cause__, Stopped):
+            _interrupted(f"stopped by {signal.Signals(exc.__cause__.signum).name}", 128 + exc.__cause__.signum)
         _interrupted("aborted")
     except click.ClickException as exc:
         _click_error(exc)
@@ -479,18 +483,31 @@ def main() -> None:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as exc:
+        _interrupted(f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum)
     except KeyboardInterrupt:
         _interrupted("interrupted")
 
 
-def _interrupted(message: str) -> NoReturn:
-    """Exit 130 after Ctrl-C, the run's own cleanup done. A KeyboardInterrupt raised inside an
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal, a CI timeout) unwind the run as Ctrl-C
+    does: the running stages clean up and `--jobs` workers are stopped, none left running."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) == signal.SIG_DFL:
+            signal.signal(getattr(signal, name), stop)
+
+
+def _interrupted(message: str, status: int = 130) -> NoReturn:
+    """Exit 130 after Ctrl-C (128 + the signal's number after another stop), the run's own cleanup done. A KeyboardInterrupt raised inside an
     exec() of source text (dataclass and namedtuple creation during an import do that) leaves
     CPython's "uncaught Ctrl-C" flag set even once handled, and under `python -m` the interpreter
     then ends itself by SIGINT instead of exiting 130; running any source text clears the flag."""
     exec("pass")
     print(message, file=sys.stderr)
-    sys.exit(130)
+    sys.exit(status)
 
 
 def _click_error(exc: click.ClickException) -> None:

@@ -5,6 +5,15 @@ class KmmError(Exception):
     """A problem the user can fix (bad input, missing model, missing extra); shown as one line."""
 
 
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by a signal other than Ctrl-C (SIGTERM, SIGHUP): unwound as
+    Ctrl-C is, so stages clean up; `signum` gives the exit status 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def missing_extra(package: str, extra: str) -> KmmError:
     """The error for a backend whose library is not installed."""
     return KmmError(f"{package} is not installed: pip install 'kmismatch_lite[{extra}]'")

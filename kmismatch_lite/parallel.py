@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from kmismatch_lite import cards, plan as planning
 from kmismatch_lite.backends import THREADS_ENV
-from kmismatch_lite.errors import KmmError
+from kmismatch_lite.errors import KmmError, Stopped
 from kmismatch_lite.stage_run import model_key, own_stages, stage_context, stage_once
 
 # Resident memory of one worker on the classroom recipe's models (peak of a one-seed run, 1.98 GB,
@@ -129,6 +130,19 @@ class LocalExecutor:
     def result(self, handle: Future):
         return handle.result()
 
+    def stop(self, handles: list, ctrl_c: bool) -> None:
+        """Interrupt the running stages as Ctrl-C would (they remove their temporaries). Ctrl-C
+        itself reaches the workers, which share the terminal's process group; another signal
+        (SIGTERM, SIGHUP) reached only this process and is passed on to them as Ctrl-C."""
+        if ctrl_c:
+            return
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            if process.is_alive():
+                if os.name == "posix":
+                    os.kill(process.pid, signal.SIGINT)
+                else:
+                    process.terminate()
+
     def close(self, cancel: bool) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
 
@@ -167,6 +181,11 @@ class RayExecutor:
             if isinstance(cause, KmmError):
                 raise KmmError(str(cause).splitlines()[-1]) from None
             raise
+
+    def stop(self, handles: list, ctrl_c: bool) -> None:
+        """Cancel the running tasks (a KeyboardInterrupt in each): they may run on other nodes."""
+        for handle in handles:
+            self.ray.cancel(handle)
 
     def close(self, cancel: bool) -> None:
         if self.started:
@@ -239,6 +258,9 @@ def run_stages(recipe: dict, out: Path, the_plan: planning.Plan, *, jobs: int, t
                 if board:
                     board.finish(folder)
         ok = True
+    except KeyboardInterrupt as exc:
+        pool.stop(list(running), ctrl_c=not isinstance(exc, Stopped))
+        raise
     finally:
         pool.close(cancel=not ok)
     return results
