@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import click
 
-from kmismatch_lite.errors import KmmError, Stopped
+from kmismatch_lite.errors import KmmError, Stopped, stop_signal
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -474,19 +474,15 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except click.exceptions.Abort as exc:  # click's form of a KeyboardInterrupt
-        if isinstance(exc.__cause__, Stopped):
-            _interrupted(f"stopped by {signal.Signals(exc.__cause__.signum).name}", 128 + exc.__cause__.signum)
-        _interrupted("aborted")
+        _interrupted("aborted", stop_signal(exc.__cause__))
     except click.ClickException as exc:
         _click_error(exc)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
-    except Stopped as exc:
-        _interrupted(f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum)
-    except KeyboardInterrupt:
-        _interrupted("interrupted")
+    except KeyboardInterrupt as exc:
+        _interrupted("interrupted", stop_signal(exc))
 
 
 def _stop_on_signals() -> None:
@@ -500,14 +496,17 @@ def _stop_on_signals() -> None:
             signal.signal(getattr(signal, name), stop)
 
 
-def _interrupted(message: str, status: int = 130) -> NoReturn:
+def _interrupted(message: str, signum: int | None) -> NoReturn:
     """Exit 130 after Ctrl-C (128 + the signal's number after another stop), the run's own cleanup done. A KeyboardInterrupt raised inside an
     exec() of source text (dataclass and namedtuple creation during an import do that) leaves
     CPython's "uncaught Ctrl-C" flag set even once handled, and under `python -m` the interpreter
     then ends itself by SIGINT instead of exiting 130; running any source text clears the flag."""
     exec("pass")
+    if signum is not None:
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
     print(message, file=sys.stderr)
-    sys.exit(status)
+    sys.exit(130)
 
 
 def _click_error(exc: click.ClickException) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from kmismatch_lite import cards, plan as planning
 from kmismatch_lite.backends import THREADS_ENV
-from kmismatch_lite.errors import KmmError, Stopped
+from kmismatch_lite.errors import KmmError, stop_signal
 from kmismatch_lite.stage_run import model_key, own_stages, stage_context, stage_once
 
 # Resident memory of one worker on the classroom recipe's models (peak of a one-seed run, 1.98 GB,
@@ -162,7 +162,10 @@ class RayExecutor:
         if self.started:
             address = os.environ.get("RAY_ADDRESS")
             local = {} if address else {"num_cpus": jobs * threads}
+            ours = signal.getsignal(signal.SIGTERM)
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False, **local)
+            if callable(ours):  # ray.init puts its own SIGTERM handler (an abrupt exit) over ours
+                signal.signal(signal.SIGTERM, ours)
         self.task = ray.remote(work_stage)
         self.threads = threads
 
@@ -183,9 +186,12 @@ class RayExecutor:
             raise
 
     def stop(self, handles: list, ctrl_c: bool) -> None:
-        """Cancel the running tasks (a KeyboardInterrupt in each): they may run on other nodes."""
+        """Cancel the running tasks (a KeyboardInterrupt in each: they may run on other nodes) and
+        give them a minute to remove their temporaries before a local instance is shut down."""
         for handle in handles:
             self.ray.cancel(handle)
+        if handles:
+            self.ray.wait(handles, num_returns=len(handles), timeout=60)
 
     def close(self, cancel: bool) -> None:
         if self.started:
@@ -259,7 +265,7 @@ def run_stages(recipe: dict, out: Path, the_plan: planning.Plan, *, jobs: int, t
                     board.finish(folder)
         ok = True
     except KeyboardInterrupt as exc:
-        pool.stop(list(running), ctrl_c=not isinstance(exc, Stopped))
+        pool.stop(list(running), ctrl_c=stop_signal(exc) is None)
         raise
     finally:
         pool.close(cancel=not ok)

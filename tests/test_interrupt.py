@@ -84,27 +84,31 @@ def test_ctrl_c_inside_exec_of_source_text_still_exits_130_under_python_m(tmp_pa
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGTERM to one process is a POSIX notion")
-def test_sigterm_to_a_jobs_run_stops_its_workers_and_cleans_up(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigterm_to_a_jobs_run_stops_its_workers_and_cleans_up(tmp_path, executor):
     reason = llama_cpp_usable()
     if reason:
         pytest.skip(reason)
     psutil = pytest.importorskip("psutil", reason="psutil (with the torch extra) lists the worker processes")
+    if executor == "ray":
+        pytest.importorskip("ray", reason="needs the ray extra")
     out = tmp_path / "run"
     with open(tmp_path / "stopped.log", "w") as log:
         # a process group of its own: the signal reaches the run alone, as `kill PID` does
         proc = subprocess.Popen([sys.executable, "-m", "kmismatch_lite", "run", "smoke", "-s", "seeds=0,1",
-                                 "--jobs", "2", "--out", str(out)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 "--jobs", "2", "--executor", executor, "--out", str(out)], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 600
-        while not (_temps(out) and len(workers := [p for p in psutil.Process(proc.pid).children(recursive=True)
-                                                   if "resource_tracker" not in " ".join(p.cmdline())]) >= 2):
+        while not (_temps(out) and sum("resource_tracker" not in " ".join(p.cmdline())
+                                       for p in psutil.Process(proc.pid).children(recursive=True)) >= 2):
             assert proc.poll() is None and time.time() < deadline, "the run ended before two stages ran at once"
             time.sleep(0.2)
         time.sleep(2)
+        spawned = psutil.Process(proc.pid).children(recursive=True)  # workers (and Ray's own processes)
         proc.send_signal(signal.SIGTERM)
-        status = proc.wait(timeout=120)
+        status = proc.wait(timeout=180)
     text = (tmp_path / "stopped.log").read_text(errors="replace")
     assert status == 128 + signal.SIGTERM and "stopped by SIGTERM" in text, text[-3000:]
-    gone, alive = psutil.wait_procs(workers, timeout=30)
-    assert alive == [], f"{len(alive)} worker processes still running"
+    gone, alive = psutil.wait_procs(spawned, timeout=30)
+    assert alive == [], f"still running: {[p.cmdline()[:3] for p in alive]}"
     assert _temps(out) == [] and not (out / "results.json").exists()
