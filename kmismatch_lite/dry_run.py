@@ -59,8 +59,10 @@ class StagePlan:
     answer_tokens: int = 0          # at most: every answer at its token limit
     steps: int = 0
     train_tokens: int = 0
-    seconds: float | None = None
+    seconds: float | None = None    # a fine-tune with an early stop: if it runs every epoch
     timed_from: str = ""            # "run folder" or "reference"
+    early_stop: bool = False        # a fine-tune whose patience may end it before its last epoch
+    likely_seconds: float | None = None  # such a fine-tune, stopping as early as the folder's finished ones
     memory_gb: float | None = None
 
 
@@ -143,25 +145,50 @@ def _resolve(the_plan: planning.Plan) -> tuple[dict[str, cards.Model | None], li
 
 
 def _own_timings(out: Path, stages: list[planning.Stage], models: dict[str, str | None]) -> dict[tuple, list[float]]:
-    """Seconds per answer or per training token of the run folder's finished stages, by (kind,
-    model, few-shot)."""
+    """Seconds per answer or per training token of the run folder's finished stages, with the
+    threads each ran on, by (kind, model, few-shot); and the share of its planned steps each
+    early-stopped fine-tune ran."""
     rates: dict[tuple, list[float]] = {}
     for st in stages:
         folder, load = out / st.folder, st.record.load
         if not load or not (folder / "stage.json").is_file():
             continue
-        seconds = json.loads((folder / "stage.json").read_text(encoding="utf-8")).get("seconds")
-        if not seconds:
+        record = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+        if not record.get("seconds"):
             continue
+        seconds, threads = record["seconds"], record.get("threads") or 1
         if load["kind"] == "answer" and (folder / "samples.jsonl").is_file():
             n = sum(1 for line in (folder / "samples.jsonl").open(encoding="utf-8") if line.strip())
             if n:
-                rates.setdefault(("answer", models[st.folder], load["few_shot"]), []).append(seconds / n)
+                rates.setdefault(("answer", models[st.folder], load["few_shot"]), []).append((seconds / n, threads))
         elif load["kind"] == "finetune" and (folder / "adapter" / "kmm_finetune.json").is_file():
-            tokens = json.loads((folder / "adapter" / "kmm_finetune.json").read_text(encoding="utf-8")).get("tokens")
-            if tokens:
-                rates.setdefault(("finetune", models[st.folder], None), []).append(seconds / tokens)
+            info = json.loads((folder / "adapter" / "kmm_finetune.json").read_text(encoding="utf-8"))
+            if info.get("tokens"):
+                rates.setdefault(("finetune", models[st.folder], None), []).append((seconds / info["tokens"], threads))
+            share = _share_run(info)
+            if share is not None:
+                rates.setdefault(("early stop", models[st.folder], None), []).append(share)
     return rates
+
+
+def _own_rate(measured: list[tuple[float, int]], threads: int) -> float:
+    """The median rate of the finished stages that ran on `threads` threads, else of all of them
+    scaled to `threads` as the reference costs are (in proportion; rough)."""
+    same = [rate for rate, t in measured if t == threads]
+    return statistics.median(same) if same else statistics.median(rate * t for rate, t in measured) / threads
+
+
+def _share_run(info: dict) -> float | None:
+    """The share of its planned steps a finished fine-tune with an early stop ran, from its record."""
+    settings = info.get("settings") or {}
+    try:
+        if not settings.get("patience") or not info.get("steps"):
+            return None
+        train = info["examples"] - n_dev(info["examples"], settings["dev_fraction"])
+        planned = settings["epochs"] * n_batches(train, settings["batch_size"])
+    except (KeyError, TypeError):
+        return None
+    return min(1.0, info["steps"] / planned) if planned else None
 
 
 def plan_run(recipe: dict, out: Path, *, jobs: int = 1, threads: int | None = None) -> dict:
@@ -242,7 +269,7 @@ def _estimate(st: planning.Stage, cell: planning.Cell, status: str, d: CellData,
         no_reference = (model is not None and model.served) or section.backend != "llamacpp"
         measured = rates.get(("answer", spec, load["few_shot"]))
         if measured:
-            p.seconds, p.timed_from = statistics.median(measured) * p.answers, "run folder"
+            p.seconds, p.timed_from = _own_rate(measured, threads) * p.answers, "run folder"
         elif scale and not no_reference:
             expected = FEW_SHOT_ANSWER_TOKENS if load["few_shot"] else prompts.MAX_TOKENS
             p.seconds = (own + expected * p.answers) * SECONDS_PER_ANSWER_TOKEN * scale * thread_scale
@@ -258,14 +285,18 @@ def _estimate(st: planning.Stage, cell: planning.Cell, status: str, d: CellData,
         p.train_tokens = lora.epochs * train * per_example
         measured = rates.get(("finetune", spec, None))
         if measured:
-            p.seconds, p.timed_from = statistics.median(measured) * p.train_tokens, "run folder"
+            p.seconds, p.timed_from = _own_rate(measured, threads) * p.train_tokens, "run folder"
         elif scale and backend == "torch":
             p.seconds = FINETUNE_FIXED_SECONDS + p.train_tokens * SECONDS_PER_TRAIN_TOKEN * scale * thread_scale
             p.timed_from = "reference"
         if params and backend == "torch":
             p.memory_gb = TORCH_BASE_GB + params * TORCH_GB_PER_PARAM
+        p.early_stop = lora.patience > 0 and lora.epochs > 1
+        shares = rates.get(("early stop", spec, None))
+        if p.early_stop and shares and p.seconds is not None:
+            p.likely_seconds = p.seconds * statistics.median(shares)
     if status == "reuse":
-        p.seconds = 0.0
+        p.seconds = p.likely_seconds = 0.0
     return p
 
 
@@ -314,17 +345,24 @@ def summary(result: dict) -> list[str]:
     unknown = len(todo) - len(known)
     jobs = result["jobs"]
     total = sum(known)
+    early = [p for p in todo if p.early_stop]
     lines = [f"{result['cells']} cell{'s' if result['cells'] != 1 else ''}, {len(result['stages'])} stages: "
              f"{len(todo)} to run, {reused} to reuse" + (f", {skipped} without input" if skipped else "") + ".",
              f"To run: {sum(p.answers for p in todo):,} answers ({sum(p.prompt_tokens for p in todo):,} prompt tokens, "
-             f"at most {sum(p.answer_tokens for p in todo):,} answer tokens); {sum(p.steps for p in todo):,} "
-             f"training steps ({sum(p.train_tokens for p in todo):,} tokens)."]
+             f"at most {sum(p.answer_tokens for p in todo):,} answer tokens); {'at most ' if early else ''}"
+             f"{sum(p.steps for p in todo):,} training steps ({sum(p.train_tokens for p in todo):,} tokens)."]
     if todo:
         spread = f", about {_duration(total / jobs)} at --jobs {jobs}" if jobs > 1 else ""
-        lines.append(f"Estimated time: {_duration(total)} one stage at a time{spread} ({result['threads']} "
-                     f"thread{'s' if result['threads'] != 1 else ''} a stage)"
+        lines.append(f"Estimated time: {'at most ' if early else ''}{_duration(total)} one stage at a time{spread} "
+                     f"({result['threads']} thread{'s' if result['threads'] != 1 else ''} a stage)"
                      + (f"; {unknown} stage{'s' if unknown != 1 else ''} without an estimate (no reference for "
                         "its backend here)" if unknown else "") + ".")
+        if early:
+            likely = [p for p in early if p.likely_seconds is not None and p.seconds is not None]
+            lines.append("The fine-tunes are counted to their last epoch; an early stop (patience) can end them sooner"
+                         + (f": about {_duration(total - sum(p.seconds - p.likely_seconds for p in likely))} one "
+                            "stage at a time if they stop as early as this run folder's finished ones"
+                            if len(likely) == len(early) else "") + ".")
         sources = sorted({p.timed_from for p in todo if p.seconds is not None})
         said = {"run folder": "this run folder's finished stages",
                 "reference": "llama.cpp and torch costs measured on a 2-core x86-64 VM's CPU, scaled by model "

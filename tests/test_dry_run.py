@@ -63,6 +63,39 @@ def test_a_question_set_not_at_hand_needs_its_counts(tmp_path):
                                   "set to count its questions")
 
 
+def test_a_fine_tune_with_an_early_stop_is_an_upper_bound_and_the_folder_says_how_early(tmp_path):
+    """Timings from a finished sibling fine-tune (its record written by hand here): seconds per
+    training token at the same thread count, in proportion to threads at another, and the share
+    of its planned steps it ran (6 of 4 epochs x 3 batches of 8 among 24 - 6 dev examples)."""
+    reason = bundled_model("smollm2-135m-instruct") or bundled_model("gemma-3-270m")
+    if reason:
+        pytest.skip(reason)
+    recipe = recipes.load("smoke", ["finetune.lora.epochs=4", "finetune.lora.patience=1",
+                                    "finetune.lora.dev_fraction=0.25"])
+    out = tmp_path / "run"
+    done = out / "finetune" / "teacher"
+    (done / "adapter").mkdir(parents=True)
+    (done / "stage.json").write_text(json.dumps({"seconds": 120.0, "threads": 1}))
+    (done / "adapter" / "kmm_finetune.json").write_text(json.dumps(
+        {"tokens": 600, "steps": 6, "examples": 24,
+         "settings": {"epochs": 4, "batch_size": 8, "dev_fraction": 0.25, "patience": 1}}))
+    files = _tree(out)
+    one = {p.folder: p for p in dry_run.plan_run(recipe, out, threads=1)["stages"]}["finetune/self"]
+    assert one.status == "run" and one.early_stop and one.steps == 12 and one.timed_from == "run folder"
+    assert one.seconds == pytest.approx(120 / 600 * one.train_tokens)
+    assert one.likely_seconds == pytest.approx(one.seconds * 6 / 12)
+    two = {p.folder: p for p in dry_run.plan_run(recipe, out, threads=2)["stages"]}["finetune/self"]
+    assert two.seconds == pytest.approx(120 / 600 * two.train_tokens / 2)
+    lines = " ".join(dry_run.summary(dry_run.plan_run(recipe, out, threads=1)))
+    assert "at most 24 training steps" in lines and "Estimated time: at most " in lines
+    assert "if they stop as early as this run folder's finished ones" in lines
+    assert _tree(out) == files
+    # without patience every epoch runs: no bound, no early-stop line
+    plain = recipes.load("smoke", ["finetune.lora.epochs=4", "finetune.lora.dev_fraction=0.25"])
+    lines = " ".join(dry_run.summary(dry_run.plan_run(plain, out, threads=1)))
+    assert "at most 24 training steps" not in lines and "early stop" not in lines
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_dry_run_counts_equal_what_the_run_does_and_a_finished_run_is_all_reuse(tmp_path):
