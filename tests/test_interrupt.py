@@ -109,6 +109,6 @@ def test_sigterm_to_a_jobs_run_stops_its_workers_and_cleans_up(tmp_path, executo
         status = proc.wait(timeout=180)
     text = (tmp_path / "stopped.log").read_text(errors="replace")
     assert status == 128 + signal.SIGTERM and "stopped by SIGTERM" in text, text[-3000:]
-    gone, alive = psutil.wait_procs(spawned, timeout=30)
+    gone, alive = psutil.wait_procs(spawned, timeout=60)
     assert alive == [], f"still running: {[p.cmdline()[:3] for p in alive]}"
     assert _temps(out) == [] and not (out / "results.json").exists()
