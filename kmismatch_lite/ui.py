@@ -47,12 +47,15 @@ class _Fitted(Progress):
     then: a terminal narrowed while a long stage runs keeps the counts and the times whole."""
 
     def __init__(self, layout: Callable[[int], Sequence], console: Console, **options) -> None:
-        self._layout = layout
+        self._layout, self._width = layout, console.width
         super().__init__(*layout(console.width), console=console, **options)
 
     def get_renderables(self):
-        if hasattr(self, "live"):  # rich draws once while building the Progress, before `live`
-            self.columns = tuple(self._layout(self.console.width))
+        # rich draws once while building the Progress, before `live` exists; the columns are
+        # rebuilt only when the width changed, so that they keep their own refresh pacing
+        if hasattr(self, "live") and self.console.width != self._width:
+            self._width = self.console.width
+            self.columns = tuple(self._layout(self._width))
         yield from super().get_renderables()
 
 
