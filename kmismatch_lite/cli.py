@@ -497,10 +497,11 @@ def _stop_on_signals() -> None:
 
 
 def _interrupted(message: str, signum: int | None) -> NoReturn:
-    """Exit 130 after Ctrl-C (128 + the signal's number after another stop), the run's own cleanup done. A KeyboardInterrupt raised inside an
-    exec() of source text (dataclass and namedtuple creation during an import do that) leaves
-    CPython's "uncaught Ctrl-C" flag set even once handled, and under `python -m` the interpreter
-    then ends itself by SIGINT instead of exiting 130; running any source text clears the flag."""
+    """Exit 130 after Ctrl-C (128 + the signal's number after SIGTERM or SIGHUP), the run's own
+    cleanup done. A KeyboardInterrupt raised inside an exec() of source text (dataclass and
+    namedtuple creation during an import do that) leaves CPython's "uncaught Ctrl-C" flag set even
+    once handled, and under `python -m` the interpreter then ends itself by SIGINT instead of
+    exiting 130; running any source text clears the flag."""
     exec("pass")
     if signum is not None:
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)

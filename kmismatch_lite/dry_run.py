@@ -144,7 +144,7 @@ def _resolve(the_plan: planning.Plan) -> tuple[dict[str, cards.Model | None], li
     return models, missing
 
 
-def _own_timings(out: Path, stages: list[planning.Stage], models: dict[str, str | None]) -> dict[tuple, list[float]]:
+def _own_timings(out: Path, stages: list[planning.Stage], models: dict[str, str | None]) -> dict[tuple, list]:
     """Seconds per answer or per training token of the run folder's finished stages, with the
     threads each ran on, by (kind, model, few-shot); and the share of its planned steps each
     early-stopped fine-tune ran."""
@@ -358,7 +358,7 @@ def summary(result: dict) -> list[str]:
                      + (f"; {unknown} stage{'s' if unknown != 1 else ''} without an estimate (no reference for "
                         "its backend here)" if unknown else "") + ".")
         if early:
-            likely = [p for p in early if p.likely_seconds is not None and p.seconds is not None]
+            likely = [p for p in early if p.likely_seconds is not None]  # set only beside a time
             lines.append("The fine-tunes are counted to their last epoch; an early stop (patience) can end them sooner"
                          + (f": about {_duration(total - sum(p.seconds - p.likely_seconds for p in likely))} one "
                             "stage at a time if they stop as early as this run folder's finished ones"

@@ -43,8 +43,9 @@ def progress_columns(width: int, total: int) -> list:
 
 
 class _Fitted(Progress):
-    """A rich Progress whose columns are laid out again at every redraw for the terminal's width
-    then: a terminal narrowed while a long stage runs keeps the counts and the times whole."""
+    """A rich Progress whose columns are laid out again for the terminal's width whenever it
+    changed since the last redraw: a terminal narrowed while a long stage runs keeps the counts
+    and the times whole."""
 
     def __init__(self, layout: Callable[[int], Sequence], console: Console, **options) -> None:
         self._layout, self._width = layout, console.width
